@@ -1,0 +1,127 @@
+"""Streaming generation through the engine vs a plain `model.generate`, same model, inputs and
+parameters, in the same run. Prints time to first token (TTFT) and decode tokens/s for both and
+their ratios, for the demo model and a random-weight model of SmolVLM-256M-Instruct's size.
+
+    python bench/generation.py [--tokens 64] [--repeats 5] [--models demo,smolvlm]
+
+Both paths start from the same conversation (one image and a question) and include the
+processor call; the reply length is fixed with min_new_tokens so both decode the same number of
+tokens. Engine figures are taken where a caller sees them: when the first and the last streamed
+text arrive. Runs alternate between the two paths; medians are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from chatapp import config, demo_model, shapes  # noqa: E402
+from chatapp.engine import Engine  # noqa: E402
+
+CACHE = ROOT / "bench" / "cache"
+
+
+def plain_generate(engine: Engine, image, question: str, tokens: int) -> tuple[float, float]:
+    """TTFT and total seconds for the plain library path: chat template, processor, generate.
+    The first token's time is taken by a no-op logits processor's first call (right after the
+    prefill), so one run gives both figures."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, processor = engine.model, engine.processor
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    first: list[float] = []
+
+    class FirstCall(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if not first:
+                first.append(time.perf_counter())
+            return scores
+
+    started = time.perf_counter()
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[[image]], return_tensors="pt").to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                             pad_token_id=engine._pad_id, logits_processor=LogitsProcessorList([FirstCall()]))
+    total = time.perf_counter() - started
+    assert out.shape[1] - inputs["input_ids"].shape[1] == tokens
+    return first[0] - started, total
+
+
+def engine_stream(engine: Engine, image, question: str, tokens: int) -> tuple[float, float, int]:
+    params = config.validate_generation(temperature=0, max_new_tokens=tokens)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    started = time.perf_counter()
+    first = None
+    for event in engine.stream(messages, params, generate_overrides={"min_new_tokens": tokens}):
+        if first is None:
+            first = time.perf_counter()
+        if event.done:
+            done = time.perf_counter()
+            return first - started, done - started, event.meta.reply_tokens
+    raise RuntimeError("no final event")
+
+
+def bench_model(name: str, path: str, tokens: int, repeats: int) -> dict:
+    engine = Engine.load(path)
+    image = shapes.render(shapes.random_scene(random.Random(0)))
+    question = "Describe the image."
+    engine_stream(engine, image, question, 4)  # warm-up both paths
+    plain_generate(engine, image, question, 4)
+    plain_ttft, plain_tps, eng_ttft, eng_tps = [], [], [], []
+    for i in range(repeats):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for which in order:
+            if which == 0:
+                ttft, total = plain_generate(engine, image, question, tokens)
+                plain_ttft.append(ttft)
+                plain_tps.append((tokens - 1) / (total - ttft))
+            else:
+                ttft, total, n = engine_stream(engine, image, question, tokens)
+                assert n == tokens, n
+                eng_ttft.append(ttft)
+                eng_tps.append((tokens - 1) / (total - ttft))
+    med = statistics.median
+    result = {"model": name, "plain_ttft_s": med(plain_ttft), "engine_ttft_s": med(eng_ttft),
+              "plain_tokens_per_s": med(plain_tps), "engine_tokens_per_s": med(eng_tps)}
+    result["tokens_per_s_ratio"] = result["engine_tokens_per_s"] / result["plain_tokens_per_s"]
+    result["ttft_ratio"] = result["engine_ttft_s"] / result["plain_ttft_s"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each path per model (SmolVLM-sized: at most 3)")
+    parser.add_argument("--models", default="demo,smolvlm")
+    args = parser.parse_args()
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.tokens} new tokens, "
+          f"{args.repeats} repeats, medians")
+    paths = {"demo": "demo"}
+    if "smolvlm" in args.models:
+        paths["smolvlm"] = str(demo_model.build_smolvlm_sized_random(CACHE / "smolvlm-256m-random"))
+    header = f"{'model':<9} {'TTFT plain':>11} {'TTFT engine':>12} {'ratio':>6}  {'tok/s plain':>12} {'tok/s engine':>13} {'ratio':>6}"
+    print(header)
+    for name in args.models.split(","):
+        r = bench_model(name, paths[name], args.tokens, args.repeats if name == "demo" else min(args.repeats, 3))
+        print(f"{name:<9} {r['plain_ttft_s']:>10.3f}s {r['engine_ttft_s']:>11.3f}s {r['ttft_ratio']:>6.3f}  "
+              f"{r['plain_tokens_per_s']:>12.1f} {r['engine_tokens_per_s']:>13.1f} {r['tokens_per_s_ratio']:>6.3f}",
+              flush=True)
+    print("goal: tokens/s ratio >= 0.97, TTFT ratio <= 1.05")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The one command line: `python -m chatapp serve|ask|demo-model ...`.
+
+Invariants:
+- `ask` writes the reply, and nothing else, to stdout; notices and errors go to stderr.
+- A user mistake (bad parameter, unknown model, bad image) exits with status 2 and one readable
+  line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import config
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help=f"hub id, local folder, or '{config.DEMO_MODEL_NAME}' "
+                        f"(default: $CHATAPP_MODEL, else {config.DEFAULT_MODEL}, falling back to the demo "
+                        "model when that cannot be loaded)")
+    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else float32)")
+    parser.add_argument("--quantize", choices=["4bit", "8bit"], help="bitsandbytes loading (CUDA only)")
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=config.DEFAULT_TEMPERATURE,
+                        help=f"0 = greedy (default {config.DEFAULT_TEMPERATURE})")
+    parser.add_argument("--top-k", type=int, default=config.DEFAULT_TOP_K, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=config.DEFAULT_TOP_P, help="1.0 = off")
+    parser.add_argument("--max-new-tokens", type=int, default=config.DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--repetition-penalty", type=float, default=config.DEFAULT_REPETITION_PENALTY)
+    parser.add_argument("--seed", type=int, help="same seed, same sampled reply")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m chatapp",
+        description="Chat with an image-text model in the browser, and let users' feedback improve it.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser("serve", help="serve the chat page (same as `python app.py`)",
+                           description="Serve the chat page.")
+    _model_args(serve)
+    serve.add_argument("--host", default=config.DEFAULT_HOST, help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=config.DEFAULT_PORT)
+    serve.add_argument("--data-dir", help="database, images and adapters (default: $CHATAPP_DATA_DIR, else ./data)")
+
+    ask = sub.add_parser("ask", help="ask one question and print the reply",
+                         description="Ask one question (optionally about images); prints only the reply.")
+    ask.add_argument("question")
+    ask.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    ask.add_argument("--system", default="", help="system prompt")
+    _model_args(ask)
+    _sampling_args(ask)
+
+    demo = sub.add_parser("demo-model", help="build or evaluate the offline demo model",
+                          description="The built-in demo model: a tiny Idefics3 trained on the shapes world.")
+    demo_sub = demo.add_subparsers(dest="action", metavar="ACTION", required=True)
+    build = demo_sub.add_parser("build", help="train it from scratch (seeded, about 10 minutes on 2 CPU cores)")
+    build.add_argument("--out", default=str(config.DEMO_MODEL_DIR), help="output folder (default: %(default)s)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    evaluate = demo_sub.add_parser("eval", help="accuracy per question type on fresh held-out images")
+    evaluate.add_argument("--model-dir", default=str(config.DEMO_MODEL_DIR))
+    evaluate.add_argument("--per-type", type=int, default=100, help="questions per type (default 100)")
+    evaluate.add_argument("--temperature", type=float, default=0.0)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--json", action="store_true", help="print the full result as JSON")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+def _load(args):
+    from .engine import load_for_serving
+
+    result = load_for_serving(config.requested_model(args.model), device=args.device, dtype=args.dtype,
+                              quantization=args.quantize)
+    if result.notice:
+        print(f"notice: {result.notice}", file=sys.stderr)
+    return result
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    return serve(args)
+
+
+def cmd_ask(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .images import load_image
+
+    hf_logging.disable_progress_bar()
+    params = config.validate_generation(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                        max_new_tokens=args.max_new_tokens,
+                                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    content = [{"type": "image", "image": load_image(p)} for p in args.image]
+    content.append({"type": "text", "text": args.question})
+    engine = _load(args).engine
+    reply = engine.generate([{"role": "user", "content": content}], params, system_prompt=args.system or None)
+    print(reply.text)
+    return 0
+
+
+def cmd_demo_model(args) -> int:
+    from . import demo_model
+
+    if args.action == "build":
+        cfg = demo_model.BuildConfig(seed=args.seed)
+        if args.steps:
+            cfg.max_steps = args.steps
+        demo_model.build(Path(args.out), cfg, log=lambda m: print(m, file=sys.stderr))
+        return 0
+    result = demo_model.evaluate(Path(args.model_dir), per_type=args.per_type, seed=args.seed,
+                                 temperature=args.temperature)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'question type':<14} {'correct':>8} {'total':>6} {'accuracy':>9}")
+    for qtype, r in result["per_type"].items():
+        print(f"{qtype:<14} {r['correct']:>8} {r['total']:>6} {r['accuracy']:>9.1%}")
+    print(f"{'overall':<14} {'':>8} {result['items']:>6} {result['overall']:>9.1%}")
+    shares = ", ".join(f"{s} {v:.0%}" for s, v in result["style_share"].items())
+    print(f"styles at temperature {args.temperature}: {shares}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from .config import ParameterError
+    from .engine import EngineError
+    from .images import ImageError
+
+    handler = {"serve": cmd_serve, "ask": cmd_ask, "demo-model": cmd_demo_model}[args.command]
+    try:
+        return handler(args)
+    except (ParameterError, EngineError, ImageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
