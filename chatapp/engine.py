@@ -413,6 +413,8 @@ class Engine:
                     last_at, last_id = at, ids[-1]
                     count += len(ids)
                     delta = decoder.push(ids)
+                    if not text:  # replies start with a space after "Assistant:"
+                        delta = delta.lstrip()
                     if delta:
                         text += delta
                         yield StreamEvent(delta=delta, text=text)
@@ -434,7 +436,7 @@ class Engine:
                 total_s=ended - started, trimmed_messages=dropped, finish_reason=finish,
                 stop_requested_at_token=stop.requested_at_token,
             )
-        yield StreamEvent(delta="", text=text.strip(), done=True, meta=meta)
+        yield StreamEvent(delta="", text=text.rstrip(), done=True, meta=meta)
 
     def generate(self, messages: list[dict], params: GenerationParams | None = None, **kwargs) -> Reply:
         """The whole reply at once (same path as `stream`)."""

@@ -25,6 +25,8 @@ COLORS = ("red", "green", "blue", "yellow")
 STYLES = ("terse", "plain", "chatty")
 QUESTION_TYPES = ("color", "count", "shapes", "exists", "describe", "capabilities")
 PLAIN_OPENERS = ("The ", "There ", "Yes, there", "No, there", "I ")
+RADIUS = (7, 12)  # half-size of a shape in pixels of the 64 px canvas
+SQUARE_HALF = 0.85  # a square's half side, in radii
 
 RGB = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
@@ -83,7 +85,7 @@ def random_scene(rng: random.Random, n_shapes: int | None = None) -> Scene:
         if tries > 500:  # extremely unlikely; restart with a fresh layout
             return random_scene(rng, n)
         kind, color = combos[len(placed)]
-        r = rng.randint(7, 12)
+        r = rng.randint(*RADIUS)
         x, y = rng.randint(r + 1, IMAGE_SIZE - r - 2), rng.randint(r + 1, IMAGE_SIZE - r - 2)
         if all((x - s.x) ** 2 + (y - s.y) ** 2 > (r + s.r + 3) ** 2 for s in placed):
             placed.append(Shape(kind, color, x, y, r))
@@ -101,7 +103,7 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
         if s.kind == "circle":
             draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
         elif s.kind == "square":
-            h = r * 0.85
+            h = r * SQUARE_HALF
             draw.rectangle([x - h, y - h, x + h, y + h], fill=fill)
         else:
             draw.polygon([(x, y - r), (x - r, y + r * 0.8), (x + r, y + r * 0.8)], fill=fill)
@@ -253,6 +255,18 @@ def mentioned_pairs(text: str) -> list[tuple[str, str]]:
     return [(a, b) for a, b in zip(words, words[1:]) if a in COLORS and b in SHAPES]
 
 
+def mentioned_kind_counts(text: str) -> dict[str, int]:
+    """{'circle': 2, 'square': 1} from '... two circles and a square ...'."""
+    words = _words(text)
+    counts: dict[str, int] = {}
+    for i, word in enumerate(words):
+        kind = _singular(word)
+        if kind in SHAPES:
+            n = WORD_NUMBERS.get(words[i - 1], 1) if i else 1
+            counts[kind] = counts.get(kind, 0) + n
+    return counts
+
+
 def grade(example: Example, reply: str) -> bool:
     """True when the reply names the right content and nothing wrong."""
     words = [_singular(w) for w in _words(reply)]
@@ -270,7 +284,7 @@ def grade(example: Example, reply: str) -> bool:
         counts = {WORD_NUMBERS[w] for w in words if w in WORD_NUMBERS}
         return counts == {len(scene.shapes)}
     if q == "shapes":
-        return shapes == set(scene.kinds())
+        return mentioned_kind_counts(reply) == {k: sum(1 for s in scene.shapes if s.kind == k) for k in scene.kinds()}
     if q == "exists":
         yes = any(w in ("yes",) for w in words)
         no = any(w in ("no", "nope") for w in words)

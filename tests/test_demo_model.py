@@ -41,7 +41,8 @@ def _weights_digest(folder) -> str:
 
 
 def test_build_is_reproducible_and_loads_through_the_auto_classes(tmp_path):
-    cfg = demo_model.BuildConfig(seed=5, train_images=30, questions_per_image=2, max_steps=3, batch_size=8)
+    cfg = demo_model.BuildConfig(seed=5, vision_images=16, vision_steps=3, vision_batch_size=8, train_images=30,
+                                 questions_per_image=2, max_steps=3, batch_size=8)
     first, second = tmp_path / "a", tmp_path / "b"
     demo_model.build(first, cfg, log=lambda m: None)
     demo_model.build(second, cfg, log=lambda m: None)

@@ -48,3 +48,5 @@ def test_grader_rejects_wrong_content():
     assert not shapes.grade(describe, "A blue circle and a red square.")
     assert not shapes.grade(describe, "A red circle.")
     assert not shapes.grade(shapes.Example("shapes", "", "", "terse", scene), "A circle and a triangle.")
+    assert not shapes.grade(shapes.Example("shapes", "", "", "terse", scene), "Two circles and a square.")
+    assert shapes.grade(shapes.Example("shapes", "", "", "terse", scene), "I see a circle and a square.")
