@@ -15,10 +15,10 @@ Invariants:
 from __future__ import annotations
 
 import os
-import queue
 import secrets
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -123,35 +123,72 @@ class StopSignal:
         return self._event.is_set()
 
 
+_STOP_CRITERION_CLASS = None
+
+
 def _stopping_criteria(signal: StopSignal):
+    """A criterion generate() checks after every token; built once, so a reply's first token
+    does not wait for a class to be made."""
+    global _STOP_CRITERION_CLASS
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    class _Stop(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), signal.is_set(), dtype=torch.bool, device=input_ids.device)
+    if _STOP_CRITERION_CLASS is None:
+        class _Stop(StoppingCriteria):
+            def __init__(self, stop: StopSignal):
+                self.stop = stop
 
-    return StoppingCriteriaList([_Stop()])
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        _STOP_CRITERION_CLASS = _Stop
+    return StoppingCriteriaList([_STOP_CRITERION_CLASS(signal)])
 
 
 class _TokenQueue:
-    """A transformers streamer that hands new token ids to the consuming thread."""
+    """A transformers streamer that hands new token ids to the consuming thread.
 
-    def __init__(self, signal: StopSignal):
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+    It wakes the consumer for the first token, for the end, and otherwise at most every
+    `interval` seconds: waking another Python thread for every token of a fast model costs
+    more than the token itself (measured: a third of the decode speed of the demo model)."""
+
+    def __init__(self, signal: StopSignal, interval: float = 0.02):
         self.signal = signal
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._pending: list[tuple[float, list[int]]] = []
+        self._done = False
         self._prompt_seen = False
+        self._notified_at: float | None = None
 
     def put(self, value) -> None:
         if not self._prompt_seen:  # generate() first passes the prompt
             self._prompt_seen = True
             return
         ids = value.reshape(-1).tolist()
+        now = time.perf_counter()
         self.signal.produced += len(ids)
-        self.queue.put((time.perf_counter(), ids))
+        with self._lock:
+            self._pending.append((now, ids))
+        if self._notified_at is None or now - self._notified_at >= self.interval:
+            self._notified_at = now
+            self._ready.set()
+            time.sleep(0)  # hand the GIL to the consumer now, not after the 5 ms switch interval
 
     def end(self) -> None:
-        self.queue.put(None)
+        with self._lock:
+            self._done = True
+        self._ready.set()
+
+    def take(self) -> tuple[list[tuple[float, list[int]]], bool]:
+        """Block until there is news; return the pending (time, ids) items and whether generation ended."""
+        self._ready.wait()
+        with self._lock:
+            items, self._pending = self._pending, []
+            self._ready.clear()
+            return items, self._done
 
 
 class _IncrementalDecoder:
@@ -196,10 +233,12 @@ class ReplyMeta:
 
 @dataclass
 class StreamEvent:
-    """One step of a streamed reply: `delta` is the new text, `text` all of it so far.
+    """One step of a streamed reply: `delta` is the new text (may be empty while tokens do not yet
+    make a whole character), `text` all of it so far, `tokens` the tokens generated so far.
     The last event has `done=True` and the reply's `meta`."""
     delta: str
     text: str
+    tokens: int = 0
     done: bool = False
     meta: ReplyMeta | None = None
 
@@ -287,6 +326,10 @@ class Engine:
         self.model_id = model_id
         self.adapter: str | None = None
         self._lock = threading.Lock()
+        # Every generate() of this engine runs on this one thread. Two threads running torch ops
+        # slow each other 2-3x on a 2-core machine (their OpenMP teams compete; measured), so the
+        # web server's many request threads never run the model themselves.
+        self.generation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatapp-generate")
         text_config = getattr(model.config, "text_config", model.config)
         model_context = getattr(text_config, "max_position_embeddings", None) or 4096
         self.max_context_tokens = min(max_context_tokens or model_context, model_context)
@@ -387,8 +430,6 @@ class Engine:
                           stopping_criteria=_stopping_criteria(stop), pad_token_id=self._pad_id)
             kwargs["max_new_tokens"] = max_new_tokens
             kwargs.update(generate_overrides or {})
-            failure: list[BaseException] = []
-
             def run():
                 import torch
 
@@ -396,35 +437,35 @@ class Engine:
                     torch.manual_seed(seed)
                     with torch.inference_mode():
                         self.model.generate(**kwargs)
-                except BaseException as error:  # reported in the consuming thread
-                    failure.append(error)
                 finally:
                     streamer.end()
 
-            worker = threading.Thread(target=run, name="chatapp-generate", daemon=True)
-            worker.start()
+            job = self.generation_thread.submit(run)
             decoder = _IncrementalDecoder(self.processor.tokenizer)
             text, count, first_at, last_at, last_id = "", 0, None, None, None
             completed = False
             try:
-                while (item := streamer.queue.get()) is not None:
-                    at, ids = item
-                    first_at = first_at or at
-                    last_at, last_id = at, ids[-1]
+                done = False
+                while not done:
+                    items, done = streamer.take()
+                    if not items:
+                        continue
+                    ids = [i for _, batch in items for i in batch]
+                    first_at = first_at or items[0][0]
+                    last_at, last_id = items[-1][0], ids[-1]
                     count += len(ids)
                     delta = decoder.push(ids)
                     if not text:  # replies start with a space after "Assistant:"
                         delta = delta.lstrip()
-                    if delta:
-                        text += delta
-                        yield StreamEvent(delta=delta, text=text)
+                    text += delta
+                    yield StreamEvent(delta=delta, text=text, tokens=count)
                 completed = True
             finally:
                 if not completed:  # the consumer left early (closed generator): end generation now
                     stop.set()
-                worker.join()
-            if failure:
-                raise EngineError(f"generation failed: {failure[0]}") from failure[0]
+                failure = job.exception()  # waits for generate() to return
+            if failure is not None:
+                raise EngineError(f"generation failed: {failure}") from failure
             finish = "stop" if last_id in self._eos_ids else "stopped" if stop.is_set() else "length"
             ended = time.perf_counter()
             decode_s = (last_at - first_at) if first_at and last_at else 0.0
@@ -436,7 +477,7 @@ class Engine:
                 total_s=ended - started, trimmed_messages=dropped, finish_reason=finish,
                 stop_requested_at_token=stop.requested_at_token,
             )
-        yield StreamEvent(delta="", text=text.rstrip(), done=True, meta=meta)
+        yield StreamEvent(delta="", text=text.rstrip(), tokens=count, done=True, meta=meta)
 
     def generate(self, messages: list[dict], params: GenerationParams | None = None, **kwargs) -> Reply:
         """The whole reply at once (same path as `stream`)."""

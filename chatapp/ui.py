@@ -95,6 +95,8 @@ class ChatHandlers:
                 raise gr.Error("There is no user message to answer.")
             history.append({"role": "assistant", "content": ""})
             for event in self.engine.stream(messages, params, system_prompt=system_prompt or None):
+                if not event.delta and not event.done:
+                    continue
                 history[-1] = {"role": "assistant", "content": event.text}
                 info = ""
                 if event.done:
