@@ -506,7 +506,8 @@ def load_for_serving(requested: str | None, **kwargs) -> LoadResult:
     try:
         return LoadResult(Engine.load(config.DEFAULT_MODEL, **kwargs), None)
     except ModelLoadError as error:
-        notice = (f"The default model {config.DEFAULT_MODEL} could not be loaded ({error}). "
-                  "Using the built-in demo model instead: a tiny model that answers questions about "
-                  "images of colored shapes. Name a model with --model or CHATAPP_MODEL.")
+        reason = str(error)
+        notice = (f"{reason[0].upper()}{reason[1:].rstrip('.')}. Using the built-in demo model instead: a tiny "
+                  "model that answers questions about images of colored shapes. Name a model with --model "
+                  "or CHATAPP_MODEL.")
         return LoadResult(Engine.load(config.DEMO_MODEL_NAME, **kwargs), notice)
