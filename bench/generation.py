@@ -8,8 +8,8 @@ Both paths start from the same conversation (one image and a question) and inclu
 processor call; the reply length is fixed with min_new_tokens so both decode the same number of
 tokens. Plain figures are read inside generate() (a no-op logits processor notes when the first
 and the last token are chosen), which flatters the plain path slightly; engine figures are taken
-where a caller sees them: when the first and the last stream events arrive. Runs alternate between the two paths;
-medians are reported. Both paths call generate() on the same thread (the engine's generation
+where a caller sees them: when the first and the last stream events arrive. Runs alternate
+between the two paths; medians are reported. Both paths call generate() on the same thread (the engine's generation
 thread): two threads running torch ops in one process slow each other 2-3x on a 2-core machine
 (their OpenMP teams compete; measured), which would measure the benchmark, not the engine.
 """

@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import threading
-from concurrent.futures import ThreadPoolExecutor
 import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -122,28 +122,11 @@ class StopSignal:
     def is_set(self) -> bool:
         return self._event.is_set()
 
+    def __call__(self, input_ids, scores, **kwargs):
+        """generate() asks this after every token (as a stopping criterion): stop every row once set."""
+        import torch
 
-_STOP_CRITERION_CLASS = None
-
-
-def _stopping_criteria(signal: StopSignal):
-    """A criterion generate() checks after every token; built once, so a reply's first token
-    does not wait for a class to be made."""
-    global _STOP_CRITERION_CLASS
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    if _STOP_CRITERION_CLASS is None:
-        class _Stop(StoppingCriteria):
-            def __init__(self, stop: StopSignal):
-                self.stop = stop
-
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)
-
-        _STOP_CRITERION_CLASS = _Stop
-    return StoppingCriteriaList([_STOP_CRITERION_CLASS(signal)])
+        return torch.full((input_ids.shape[0],), self.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class _TokenQueue:
@@ -427,7 +410,7 @@ class Engine:
             seed = params.seed if params.seed is not None else secrets.randbelow(config.SEED_MAX)
             streamer = _TokenQueue(stop)
             kwargs = dict(inputs, **config.sampling_kwargs(params), streamer=streamer,
-                          stopping_criteria=_stopping_criteria(stop), pad_token_id=self._pad_id)
+                          stopping_criteria=[stop], pad_token_id=self._pad_id)
             kwargs["max_new_tokens"] = max_new_tokens
             kwargs.update(generate_overrides or {})
             def run():
