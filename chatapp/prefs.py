@@ -1,0 +1,226 @@
+"""Turn the feedback in a `Store` into TRL training rows (KTO, DPO, SFT).
+
+Pure functions: they read the store passed in and nothing else (no files are opened, no gradio,
+no torch), so the exporter and the trainer build exactly the same rows.
+
+Invariants:
+- A row holds exactly the columns its TRL trainer expects, in TRL's conversational format:
+  KTO `images / prompt / completion / label`, DPO `images / prompt / chosen / rejected`,
+  SFT `images / prompt / completion`. Where a row came from (message ids, users) is kept in a
+  parallel list, `Rows.provenance[i]` for `Rows.rows[i]`, never in the row itself.
+- A prompt is `store.context(message_id)` rebuilt for the chat template: each image part becomes a
+  `{"type": "image"}` placeholder and its file path goes, in the same order, into `images` (absolute
+  paths here; the exporter rewrites them). A non-empty system prompt becomes a leading system message;
+  earlier assistant turns stay in the prompt as text.
+- Every message part has the same keys, `type` and `text` (None for an image), so rows fit one
+  Arrow schema (a struct column unifies its fields anyway; doing it here keeps the in-memory rows
+  and the reloaded ones identical).
+- A completion is the answer exactly as stored: the engine stores replies stripped, and the chat
+  template renders an assistant turn as `Assistant: <text><end_of_utterance>\\n`, so TRL's completion
+  (the rendered prompt+answer minus the rendered prompt, which ends in `Assistant:`) is
+  `" " + text + "<end_of_utterance>\\n"`: the tokens generation produces. The text is stripped
+  again here, so a stored leading space can never turn into two.
+- A positive target (a liked KTO answer, a DPO `chosen`, an SFT answer) must be an answer the model
+  ended itself: a reply cut off by max_new_tokens or the stop button never produced the
+  end-of-utterance token that TRL appends, so it is skipped (and counted in `Rows.skipped`).
+- Identical rows (same image files, prompt, completion(s) and label) are kept once, first seen wins;
+  the provenance of the dropped copies is listed under `duplicates` of the kept one. Order is the
+  store's order (vote id, preference id, comparison id), so the output is deterministic.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMATS = ("kto", "dpo", "sft")
+COLUMNS = {
+    "kto": ("images", "prompt", "completion", "label"),
+    "dpo": ("images", "prompt", "chosen", "rejected"),
+    "sft": ("images", "prompt", "completion"),
+}
+# Finish reasons (generations.finish_reason) of a reply the model did not end itself.
+CUT_OFF = ("length", "stopped")
+_SHA = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class Rows:
+    """The rows of one format, their provenance (parallel list) and why some feedback gave no row."""
+    fmt: str
+    rows: list[dict] = field(default_factory=list)
+    provenance: list[dict] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+
+class _Skip(Exception):
+    """This piece of feedback gives no row; the message is the reason counted in `Rows.skipped`."""
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def image_part() -> dict:
+    return {"type": "image", "text": None}
+
+
+def assistant_message(text: str) -> list[dict]:
+    """A conversational completion: one assistant message holding the answer text."""
+    return [{"role": "assistant", "content": [text_part(text)]}]
+
+
+def image_sha(path: str | Path) -> str:
+    """The sha256 of an image file: the store names its files by it; otherwise hash the bytes."""
+    path = Path(path)
+    if _SHA.fullmatch(path.stem):
+        return path.stem
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def prompt_from_context(context: dict) -> tuple[list[dict], list[str]]:
+    """(prompt messages with image placeholders, image paths in placeholder order) for one answer."""
+    messages, images = [], []
+    system = (context.get("system_prompt") or "").strip()
+    if system:
+        messages.append({"role": "system", "content": [text_part(system)]})
+    for message in context["prompt"]:
+        role = message["role"]
+        if role not in ("user", "assistant", "system"):
+            raise _Skip(f"unknown role {role!r} in the prompt")
+        content = []
+        for part in message["content"]:
+            if part["type"] == "image":
+                if role != "user":
+                    raise _Skip("an image outside a user message")
+                content.append(image_part())
+                images.append(str(part["path"]))
+            elif part["type"] == "text":
+                content.append(text_part(part["text"].strip() if role == "assistant" else part["text"]))
+            else:
+                raise _Skip(f"unknown part type {part['type']!r} in the prompt")
+        if not content:
+            raise _Skip("an empty message in the prompt")
+        messages.append({"role": role, "content": content})
+    if not messages or messages[-1]["role"] != "user":
+        raise _Skip("the prompt does not end with a user message")
+    return messages, images
+
+
+def _answer(store, message_id: int, *, positive: bool) -> tuple[dict, str]:
+    """(context, answer text) of an assistant message that can be a training target."""
+    try:
+        context = store.context(message_id)
+    except KeyError:
+        raise _Skip("the message no longer exists") from None
+    if context["role"] != "assistant":
+        raise _Skip("feedback on a message that is not an answer")
+    text = (context["answer"] or "").strip()
+    if not text:
+        raise _Skip("an empty answer")
+    if positive and (context.get("generation") or {}).get("finish_reason") in CUT_OFF:
+        raise _Skip("a preferred answer that was cut off")
+    return context, text
+
+
+def _key(row: dict) -> str:
+    """Identity of a row for de-duplication: image contents (sha) instead of paths, everything else as is."""
+    keyed = dict(row, images=[image_sha(p) for p in row["images"]])
+    return json.dumps(keyed, sort_keys=True, ensure_ascii=False)
+
+
+def _add(out: Rows, seen: dict[str, int], row: dict, provenance: dict) -> None:
+    key = _key(row)
+    if key in seen:
+        out.provenance[seen[key]]["duplicates"].append(provenance)
+        out.skipped["duplicate row"] += 1
+        return
+    seen[key] = len(out.rows)
+    out.rows.append(row)
+    out.provenance.append(dict(provenance, duplicates=[]))
+
+
+def kto_rows(store) -> Rows:
+    """One row per current thumb on an answer: up -> label True, down -> label False."""
+    out, seen = Rows("kto"), {}
+    for vote in store.rated_messages():
+        try:
+            context, text = _answer(store, vote["message_id"], positive=vote["vote"] == "up")
+            prompt, images = prompt_from_context(context)
+        except _Skip as skip:
+            out.skipped[str(skip)] += 1
+            continue
+        row = {"images": images, "prompt": prompt, "completion": assistant_message(text),
+               "label": vote["vote"] == "up"}
+        _add(out, seen, row, {"message_id": vote["message_id"], "user_id": vote["user_id"],
+                              "user_name": vote["user_name"], "vote": vote["vote"]})
+    return out
+
+
+def dpo_rows(store) -> Rows:
+    """One row per (chosen, rejected) pair: a preferred regenerated sibling against each other
+    sibling, and each comparison decided a or b (a tie or both-bad gives no pair)."""
+    out, seen = Rows("dpo"), {}
+    for pair in store.preference_pairs():
+        try:
+            chosen_msg, rejected_msg = store.message(pair["chosen_id"]), store.message(pair["rejected_id"])
+            if chosen_msg is None or rejected_msg is None:
+                raise _Skip("the message no longer exists")
+            if chosen_msg["parent_id"] != rejected_msg["parent_id"] or chosen_msg["parent_id"] is None:
+                raise _Skip("the two answers do not answer the same prompt")
+            chosen_ctx, chosen = _answer(store, pair["chosen_id"], positive=True)
+            rejected_ctx, rejected = _answer(store, pair["rejected_id"], positive=False)
+            if chosen == rejected:
+                raise _Skip("chosen and rejected answers are the same text")
+            prompt, images = prompt_from_context(chosen_ctx)
+            if (prompt, images) != prompt_from_context(rejected_ctx):
+                # Same parent, so the same messages; only a differing system prompt can get here.
+                raise _Skip("the two answers were generated with different system prompts")
+        except _Skip as skip:
+            out.skipped[str(skip)] += 1
+            continue
+        row = {"images": images, "prompt": prompt, "chosen": assistant_message(chosen),
+               "rejected": assistant_message(rejected)}
+        _add(out, seen, row, {"chosen_id": pair["chosen_id"], "rejected_id": pair["rejected_id"],
+                              "user_id": pair["user_id"], "user_name": pair["user_name"],
+                              "source": pair["source"]})
+    return out
+
+
+def sft_rows(store) -> Rows:
+    """One row per liked answer (a current thumbs-up)."""
+    out, seen = Rows("sft"), {}
+    for vote in store.rated_messages():
+        if vote["vote"] != "up":
+            continue
+        try:
+            context, text = _answer(store, vote["message_id"], positive=True)
+            prompt, images = prompt_from_context(context)
+        except _Skip as skip:
+            out.skipped[str(skip)] += 1
+            continue
+        row = {"images": images, "prompt": prompt, "completion": assistant_message(text)}
+        _add(out, seen, row, {"message_id": vote["message_id"], "user_id": vote["user_id"],
+                              "user_name": vote["user_name"]})
+    return out
+
+
+BUILDERS = {"kto": kto_rows, "dpo": dpo_rows, "sft": sft_rows}
+
+
+def rows(store, fmt: str) -> Rows:
+    if fmt not in BUILDERS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return BUILDERS[fmt](store)
