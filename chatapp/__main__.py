@@ -1,4 +1,4 @@
-"""The one command line: `python -m chatapp serve|ask|demo-model ...`.
+"""The one command line: `python -m chatapp serve|ask|users|export|demo-model ...`.
 
 Invariants:
 - `ask` writes the reply, and nothing else, to stdout; notices and errors go to stderr.
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import config
+from . import config, export
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=config.DEFAULT_PORT)
     serve.add_argument("--data-dir", help="database, images and adapters (default: $CHATAPP_DATA_DIR, else ./data)")
 
+    users = sub.add_parser("users", help="manage who may log in (logins are on once a user exists)",
+                           description="Manage the users file. Without users the app runs as one local admin "
+                                       "and only listens on 127.0.0.1; with users, everyone logs in.")
+    users.add_argument("--data-dir", help="default: $CHATAPP_DATA_DIR, else ./data")
+    users_sub = users.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = users_sub.add_parser("add", help="add a user (asks for the password)")
+    add.add_argument("name")
+    add.add_argument("--role", choices=["user", "admin"], default="user")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin (for scripts)")
+    add.add_argument("--replace", action="store_true", help="change the password or role of an existing user")
+    users_sub.add_parser("list", help="list users and roles")
+    remove = users_sub.add_parser("remove", help="remove a user (their conversations stay in the store)")
+    remove.add_argument("name")
+
     ask = sub.add_parser("ask", help="ask one question and print the reply",
                          description="Ask one question (optionally about images); prints only the reply.")
     ask.add_argument("question")
@@ -69,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--temperature", type=float, default=0.0)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print the full result as JSON")
+    export.add_parser(sub)
     return parser
 
 
@@ -94,6 +109,34 @@ def cmd_serve(args) -> int:
     from .server import serve
 
     return serve(args)
+
+
+def cmd_users(args) -> int:
+    import getpass
+
+    from .users import Users
+
+    users = Users(config.data_dir(args.data_dir))
+    if args.action == "list":
+        for user in users.list():
+            print(f"{user.name}\t{user.role}")
+        if not users.list():
+            print("no users: the app runs as the single local admin, on 127.0.0.1 only", file=sys.stderr)
+        return 0
+    if args.action == "remove":
+        users.remove(args.name)
+        print(f"removed {args.name}", file=sys.stderr)
+        return 0
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            print("error: the passwords differ", file=sys.stderr)
+            return 2
+    user = users.add(args.name, password, args.role, replace=args.replace)
+    print(f"added {user.name} ({user.role}); logins are on", file=sys.stderr)
+    return 0
 
 
 def cmd_ask(args) -> int:
@@ -140,13 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     from .config import ParameterError
-    from .engine import EngineError
+    from .errors import EngineError, RequestError
     from .images import ImageError
+    from .users import UserError
 
-    handler = {"serve": cmd_serve, "ask": cmd_ask, "demo-model": cmd_demo_model}[args.command]
+    handler = {"serve": cmd_serve, "ask": cmd_ask, "users": cmd_users, "export": export.run,
+               "demo-model": cmd_demo_model}[args.command]
     try:
         return handler(args)
-    except (ParameterError, EngineError, ImageError) as error:
+    except (ParameterError, EngineError, ImageError, UserError, RequestError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -36,6 +36,17 @@ DEFAULT_REPETITION_PENALTY = 1.0
 MAX_MESSAGE_CHARS = 4000
 MAX_SYSTEM_PROMPT_CHARS = 2000
 MAX_IMAGES_PER_MESSAGE = 4
+MAX_CONVERSATION_MESSAGES = 200  # messages on one conversation's path; a new chat starts fresh
+MAX_COMMENT_CHARS = 2000
+MAX_TITLE_CHARS = 80
+FEEDBACK_REASONS = ("wrong", "unhelpful", "too long", "unsafe", "other")
+
+# Web server limits: waiting requests beyond QUEUE_MAX_SIZE are refused with "queue full";
+# generation events run CHAT_CONCURRENCY at a time (the engine itself generates one reply at a
+# time per model, the rest wait for it), quick events (votes, lists) FEEDBACK_CONCURRENCY at a time.
+QUEUE_MAX_SIZE = 64
+CHAT_CONCURRENCY = 4
+FEEDBACK_CONCURRENCY = 8
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:

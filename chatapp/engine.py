@@ -28,17 +28,10 @@ from urllib.parse import urlparse
 
 from . import config
 from .config import GenerationParams, ParameterError
+from .errors import EngineError, ModelLoadError  # noqa: F401 (re-exported)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-class EngineError(RuntimeError):
-    """A problem the user can act on; the message says what went wrong and what to do."""
-
-
-class ModelLoadError(EngineError):
-    pass
 
 
 # ---------------------------------------------------------------- messages

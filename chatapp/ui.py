@@ -1,145 +1,404 @@
-"""The chat page (Gradio Blocks).
+"""The chat page (Gradio Blocks): chat with images, thumbs with reasons, regenerate and sibling
+navigation, preferring an answer, edit, compare mode, the sidebar of past conversations.
 
 Invariants:
-- Never imports torch; talks to the model only through an `Engine` it is given.
-- Handlers are plain functions of their inputs (see `ChatHandlers`), testable without a server.
-- Every handler validates its own inputs: it is also reachable through Gradio's HTTP API.
+- Never imports torch; every action goes through `ChatService` (which validates and authorizes),
+  so the page can do nothing the API could not.
+- Handlers are methods of `ChatPage`, plain functions of their inputs plus the caller's request,
+  testable without a server. Page events are private; the API lives in `api.py`.
+- The chat shown is always rebuilt from the store after an action; `PageState` only remembers which
+  conversation is open, which message each chat entry shows, and what the thumbs/compare panels act on.
 """
 from __future__ import annotations
 
-from typing import Iterator
+import html
+from dataclasses import dataclass, field, replace
 
 import gradio as gr
 
 from . import config
-from .config import ParameterError
-from .engine import Engine, EngineError
-from .images import ImageError, load_image
+from .api import as_gradio_errors, caller, register
+from .chat import ChatService
+from .errors import RequestError
+from .users import Users
 
 TITLE = "chatapp"
+LIKE, DISLIKE = "Like", "Dislike"
 
 
-def _file_path(part) -> str | None:
-    if isinstance(part, str):
-        return part
-    if isinstance(part, dict):
-        if isinstance(part.get("file"), dict):
-            return part["file"].get("path")
-        return part.get("path")
-    return getattr(part, "path", None)
+@dataclass
+class PageState:
+    conversation_id: int | None = None
+    entry_ids: list = field(default_factory=list)  # message id of each chat entry (images are entries too)
+    selected_id: int | None = None  # the answer that sibling navigation / prefer act on
+    feedback_id: int | None = None  # the answer the reasons/comment panel applies to
+    comparison_id: int | None = None
 
 
-def history_to_messages(history: list[dict]) -> list[dict]:
-    """Gradio chat history (messages format) -> engine messages. Consecutive user entries (an
-    image, then its text) become one user turn, images first, as the user sent them."""
-    messages: list[dict] = []
-    for entry in history or []:
-        role = entry.get("role")
-        content = entry.get("content")
-        parts = content if isinstance(content, list) else [content]
-        converted = []
-        for part in parts:
-            if isinstance(part, str):
-                converted.append({"type": "text", "text": part})
-            elif isinstance(part, dict) and part.get("type") == "text":
-                converted.append({"type": "text", "text": part.get("text") or ""})
-            elif (path := _file_path(part)) is not None:
-                if role == "user":
-                    converted.append({"type": "image", "image": load_image(path)})
-            # other components (e.g. rendered widgets) carry nothing for the model
-        converted = [p for p in converted if p["type"] != "text" or p["text"].strip()]
-        if not converted or role not in ("user", "assistant"):
-            continue
-        if messages and messages[-1]["role"] == role:
-            messages[-1]["content"].extend(converted)
+def _footer(message: dict) -> str:
+    bits = []
+    if len(message["siblings"]) > 1:
+        bits.append(f"answer {message['position']} of {len(message['siblings'])}")
+    if message.get("preferred"):
+        bits.append("★ preferred")
+    if message.get("finish_reason") == "stopped":
+        bits.append("stopped")
+    bits.append(f"{message.get('model')} · adapter {message.get('adapter') or 'none'}")
+    return f"\n\n<sub>{html.escape(' · '.join(bits))}</sub>"
+
+
+def render(conversation: dict | None) -> tuple[list, list, list, int | None]:
+    """Conversation (from ChatService.conversation) -> chat entries, their message ids, thumbs states,
+    and the last answer's id."""
+    entries, ids, feedback, last_answer = [], [], [], None
+    for message in (conversation or {}).get("messages", []):
+        if message["role"] == "user":
+            for path in message["images"]:
+                entries.append({"role": "user", "content": {"path": path}})
+                ids.append(message["id"])
+            if message["text"]:
+                entries.append({"role": "user", "content": message["text"]})
+                ids.append(message["id"])
         else:
-            messages.append({"role": role, "content": converted})
-    return messages
+            entries.append({"role": "assistant", "content": message["text"] + _footer(message)})
+            ids.append(message["id"])
+            vote = (message.get("vote") or {}).get("vote")
+            feedback.append({"up": LIKE, "down": DISLIKE}.get(vote))
+            last_answer = message["id"]
+    return entries, ids, feedback, last_answer
 
 
-class ChatHandlers:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+def _sibling_label(conversation: dict | None, selected_id: int | None) -> str:
+    for message in (conversation or {}).get("messages", []):
+        if message["id"] == selected_id and len(message["siblings"]) > 1:
+            star = " ★ preferred" if message.get("preferred") else ""
+            return f"Answer {message['position']} of {len(message['siblings'])}{star}"
+    return ""
 
-    def add_user_message(self, message: dict | None, history: list | None):
-        """Put the user's text and images into the chat; refuse bad input before it is shown."""
-        message = message or {}
-        text = (message.get("text") or "").strip()
-        files = message.get("files") or []
-        if not text and not files:
-            raise gr.Error("Type a message or attach an image.")
-        if len(text) > config.MAX_MESSAGE_CHARS:
-            raise gr.Error(f"The message is {len(text)} characters long; the limit is {config.MAX_MESSAGE_CHARS}.")
-        if len(files) > config.MAX_IMAGES_PER_MESSAGE:
-            raise gr.Error(f"At most {config.MAX_IMAGES_PER_MESSAGE} images per message.")
-        history = list(history or [])
-        for f in files:
-            path = _file_path(f)
-            try:
-                load_image(path)
-            except ImageError as error:
-                raise gr.Error(str(error)) from None
-            history.append({"role": "user", "content": {"path": path}})
-        if text:
-            history.append({"role": "user", "content": text})
-        return history, gr.MultimodalTextbox(value=None, interactive=False)
 
-    def respond(self, history: list | None, temperature: float, top_k: int, system_prompt: str = "",
-                ) -> Iterator[tuple[list, str]]:
-        """Stream the assistant's answer to the conversation in `history`."""
-        history = list(history or [])
+def _message_parts(message: dict | None) -> tuple[str, list[str]]:
+    message = message or {}
+    text = message.get("text") or ""
+    files = []
+    for f in message.get("files") or []:
+        files.append(f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None)))
+    return text, [f for f in files if f]
+
+
+class ChatPage:
+    def __init__(self, service: ChatService, users: Users):
+        self.service = service
+        self.users = users
+
+    # ------------------------------------------------------------ helpers
+
+    def _show(self, user, state: PageState, conversation_id: int | None, selected_id: int | None = None):
+        """Rebuild the chat from the store; returns (chatbot update, new state, sibling label)."""
+        if conversation_id is None:
+            return gr.Chatbot(value=[], feedback_value=[]), PageState(), ""
+        conversation = self.service.conversation(user, conversation_id)
+        entries, ids, feedback, last_answer = render(conversation)
+        shown = {m["id"] for m in conversation["messages"]}
+        selected = selected_id if selected_id in shown else last_answer
+        new_state = replace(state, conversation_id=conversation["id"], entry_ids=ids, selected_id=selected)
+        return (gr.Chatbot(value=entries, feedback_value=feedback), new_state,
+                _sibling_label(conversation, selected))
+
+    def _conversation_choices(self, user, selected: int | None = None):
+        choices = [(c["title"] or f"Chat {c['id']}", c["id"]) for c in self.service.conversations(user)]
+        return gr.Radio(choices=choices, value=selected)
+
+    def _entry_message_id(self, state: PageState, index) -> int:
+        if isinstance(index, (list, tuple)):
+            index = index[0]
         try:
-            params = config.validate_generation(temperature=temperature, top_k=top_k)
-            messages = history_to_messages(history)
-            if not messages or messages[-1]["role"] != "user":
-                raise gr.Error("There is no user message to answer.")
-            history.append({"role": "assistant", "content": ""})
-            for event in self.engine.stream(messages, params, system_prompt=system_prompt or None):
-                if not event.delta and not event.done:
-                    continue
-                history[-1] = {"role": "assistant", "content": event.text}
-                info = ""
-                if event.done:
-                    meta = event.meta
-                    speed = f" · {meta.tokens_per_s:.0f} tokens/s" if meta.tokens_per_s else ""
-                    trimmed = f" · {meta.trimmed_messages} oldest messages left out to fit" if meta.trimmed_messages else ""
-                    info = (f"model `{meta.model_id}` · adapter `{meta.adapter or 'none'}` · "
-                            f"{meta.reply_tokens} tokens{speed}{trimmed}")
-                yield history, info
-        except (ParameterError, ImageError, EngineError) as error:
-            raise gr.Error(str(error)) from None
+            return state.entry_ids[int(index)]
+        except (IndexError, TypeError, ValueError):
+            raise RequestError("that message is no longer shown; reopen the conversation") from None
+
+    # ------------------------------------------------------------ page load, sidebar
+
+    @as_gradio_errors
+    def load(self, request: gr.Request):
+        user = caller(self.users, request)
+        who = f"Signed in as **{html.escape(user.name)}** ({user.role})"
+        if self.users.enabled:
+            who += " · [Log out](/logout)"
+        return self._conversation_choices(user), who, PageState()
+
+    @as_gradio_errors
+    def open_conversation(self, conversation_id, state: PageState, request: gr.Request):
+        user = caller(self.users, request)
+        if conversation_id in (None, ""):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        chatbot, state, label = self._show(user, state, int(conversation_id))
+        system_prompt = self.service.store.conversation(state.conversation_id)["system_prompt"]
+        return chatbot, state, label, system_prompt
+
+    def new_chat(self):
+        return (gr.Chatbot(value=[], feedback_value=[]), PageState(), "", gr.Radio(value=None), "",
+                gr.MultimodalTextbox(value=None, interactive=True), gr.Row(visible=False), gr.Row(visible=False))
+
+    # ------------------------------------------------------------ chatting
+
+    def _stream(self, user, state: PageState, events, pending: list, compare: bool = False):
+        """Yield page updates while `events` streams; rebuild from the store at the end."""
+        texts = {"a": "", "b": ""}
+        conversation_id, last = state.conversation_id, None
+        for event in events:
+            conversation_id = event.conversation_id
+            last = event
+            if compare:
+                texts[event.side] = event.text
+                yield {self.compare_a: texts["a"], self.compare_b: texts["b"],
+                       self.state: replace(state, conversation_id=conversation_id)}
+            else:
+                entries = pending + [{"role": "assistant", "content": event.text}]
+                yield {self.chatbot: gr.Chatbot(value=entries),
+                       self.state: replace(state, conversation_id=conversation_id)}
+        user_ = user
+        chatbot, new_state, label = self._show(user_, state, conversation_id)
+        info = ""
+        if last is not None and last.done:
+            meta = last.meta
+            speed = f" · {meta['tokens_per_s']:.0f} tokens/s" if meta.get("tokens_per_s") else ""
+            trimmed = (f" · {meta['trimmed_messages']} oldest messages left out to fit"
+                       if meta.get("trimmed_messages") else "")
+            info = (f"model `{last.model}` · adapter `{last.adapter or 'none'}` · "
+                    f"{meta.get('reply_tokens')} tokens{speed}{trimmed}")
+            if compare:
+                new_state.comparison_id = meta.get("comparison_id")
+        yield {self.chatbot: chatbot, self.state: new_state, self.sibling_label: label, self.info: info,
+               self.conversations: self._conversation_choices(user, new_state.conversation_id),
+               self.textbox: gr.MultimodalTextbox(value=None, interactive=True),
+               self.compare_buttons: gr.Row(visible=compare)}
+
+    @as_gradio_errors
+    def send(self, message, state: PageState, temperature, top_k, top_p, max_new_tokens, seed, system_prompt,
+             compare_mode, request: gr.Request):
+        user = caller(self.users, request)
+        params = config.validate_generation(temperature=temperature, top_k=top_k, top_p=top_p,
+                                            max_new_tokens=max_new_tokens, seed=seed)
+        text, files = _message_parts(message)
+        shown = render(self.service.conversation(user, state.conversation_id))[0] if state.conversation_id else []
+        pending = shown + [{"role": "user", "content": {"path": f}} for f in files]
+        if text.strip():
+            pending.append({"role": "user", "content": text})
+        yield {self.textbox: gr.MultimodalTextbox(value=None, interactive=False),
+               self.chatbot: gr.Chatbot(value=pending)}
+        if compare_mode:
+            yield {self.compare_panel: gr.Row(visible=True), self.compare_buttons: gr.Row(visible=False),
+                   self.compare_a: "", self.compare_b: ""}
+            events = self.service.compare(user, state.conversation_id, text, files, params, system_prompt)
+        else:
+            events = self.service.chat(user, state.conversation_id, text, files, params, system_prompt)
+        yield from self._stream(user, state, events, pending, compare=bool(compare_mode))
+
+    @as_gradio_errors
+    def regenerate(self, state: PageState, temperature, top_k, top_p, max_new_tokens, seed, request: gr.Request):
+        user = caller(self.users, request)
+        if state.selected_id is None:
+            raise RequestError("there is no answer to regenerate yet")
+        params = config.validate_generation(temperature=temperature, top_k=top_k, top_p=top_p,
+                                            max_new_tokens=max_new_tokens, seed=seed)
+        # regenerate the last answer: a new sibling of it, shown in its place
+        conversation = self.service.conversation(user, state.conversation_id)
+        answers = [m for m in conversation["messages"] if m["role"] == "assistant"]
+        target = answers[-1]["id"]
+        entries = render(conversation)[0][:-1]
+        yield from self._stream(user, state, self.service.regenerate(user, target, params), entries)
+
+    @as_gradio_errors
+    def edit(self, edit: gr.EditData, state: PageState, temperature, top_k, top_p, max_new_tokens, seed,
+             request: gr.Request):
+        user = caller(self.users, request)
+        message_id = self._entry_message_id(state, edit.index)
+        params = config.validate_generation(temperature=temperature, top_k=top_k, top_p=top_p,
+                                            max_new_tokens=max_new_tokens, seed=seed)
+        value = edit.value
+        text = value if isinstance(value, str) else (value or {}).get("text", "") if isinstance(value, dict) else str(value)
+        index = edit.index[0] if isinstance(edit.index, (list, tuple)) else edit.index
+        conversation = self.service.conversation(user, state.conversation_id)
+        entries = render(conversation)[0][:int(index)] + [{"role": "user", "content": text}]
+        yield from self._stream(user, state, self.service.edit(user, message_id, text, params), entries)
+
+    # ------------------------------------------------------------ feedback
+
+    @as_gradio_errors
+    def like(self, like: gr.LikeData, state: PageState, request: gr.Request):
+        user = caller(self.users, request)
+        message_id = self._entry_message_id(state, like.index)
+        vote = "none" if like.liked == "" or like.liked is None else ("up" if like.liked is True or like.liked == LIKE
+                                                                     else "down")
+        self.service.vote(user, message_id, vote)
+        new_state = replace(state, feedback_id=message_id if vote != "none" else None)
+        title = {"up": "You liked this answer. Why? (optional)", "down": "What was wrong? (optional)"}.get(vote, "")
+        return (new_state, gr.Row(visible=vote != "none"), gr.CheckboxGroup(value=[], label=title),
+                gr.Textbox(value=""))
+
+    @as_gradio_errors
+    def save_feedback(self, reasons, comment, state: PageState, request: gr.Request):
+        user = caller(self.users, request)
+        if state.feedback_id is None:
+            raise RequestError("vote on an answer first")
+        current = self.service.store.vote(self.service.user_id(user), state.feedback_id)
+        if current is None:
+            raise RequestError("vote on an answer first")
+        self.service.vote(user, state.feedback_id, current["vote"], reasons or [], comment or "")
+        gr.Info("Thanks, your feedback was saved.")
+        return gr.Row(visible=False), replace(state, feedback_id=None)
+
+    @as_gradio_errors
+    def select_message(self, select: gr.SelectData, state: PageState, request: gr.Request):
+        user = caller(self.users, request)
+        message_id = self._entry_message_id(state, select.index)
+        message = self.service.store.message(message_id)
+        if message is None or message["role"] != "assistant":
+            return gr.skip(), gr.skip()
+        conversation = self.service.conversation(user, state.conversation_id)
+        return replace(state, selected_id=message_id), _sibling_label(conversation, message_id)
+
+    @as_gradio_errors
+    def step_sibling(self, step: int, state: PageState, request: gr.Request):
+        user = caller(self.users, request)
+        if state.selected_id is None:
+            raise RequestError("there is no answer to switch yet")
+        siblings = [m["id"] for m in self.service.store.siblings(state.selected_id) if m["role"] == "assistant"]
+        position = siblings.index(state.selected_id) + step
+        if not 0 <= position < len(siblings):
+            return gr.skip(), gr.skip(), gr.skip()
+        target = siblings[position]
+        self.service.select(user, target)
+        return self._show(user, state, state.conversation_id, selected_id=target)
+
+    def previous_sibling(self, state: PageState, request: gr.Request):
+        return self.step_sibling(-1, state, request)
+
+    def next_sibling(self, state: PageState, request: gr.Request):
+        return self.step_sibling(1, state, request)
+
+    @as_gradio_errors
+    def prefer(self, state: PageState, request: gr.Request):
+        user = caller(self.users, request)
+        if state.selected_id is None:
+            raise RequestError("there is no answer to prefer yet")
+        self.service.prefer(user, state.selected_id)
+        gr.Info("Marked as the better answer.")
+        return self._show(user, state, state.conversation_id, selected_id=state.selected_id)
+
+    @as_gradio_errors
+    def pick(self, choice: str, state: PageState, request: gr.Request):
+        user = caller(self.users, request)
+        if state.comparison_id is None:
+            raise RequestError("there is no comparison to decide")
+        self.service.compare_pick(user, state.comparison_id, choice)
+        chatbot, new_state, label = self._show(user, state, state.conversation_id)
+        new_state.comparison_id = None
+        return chatbot, new_state, label, gr.Row(visible=False)
+
+    def picker(self, choice: str):
+        def pick(state: PageState, request: gr.Request):
+            return self.pick(choice, state, request)
+        pick.__name__ = f"pick_{choice}"
+        return pick
+
+    # ------------------------------------------------------------ layout
+
+    def build(self, model_id: str, notice: str | None = None) -> gr.Blocks:
+        with gr.Blocks(title=TITLE) as app:
+            register(self.service, self.users)  # first, so the API gets its names before page events do
+            self.state = gr.State(PageState())
+            with gr.Sidebar(elem_id="sidebar"):
+                whoami = gr.Markdown(elem_id="whoami")
+                new_chat = gr.Button("New chat", elem_id="new-chat", variant="primary")
+                self.conversations = gr.Radio(label="Your conversations", choices=[], elem_id="conversations")
+            gr.Markdown(f"## {TITLE}\nChat with `{model_id}`: attach an image and ask about it. "
+                        f"Rate answers with the thumbs, regenerate to get another answer, mark the better one.")
+            if notice:
+                gr.Markdown(f"**Notice:** {notice}", elem_id="model-notice")
+            self.chatbot = gr.Chatbot(elem_id="chatbot", height=460, label="Chat", editable="user",
+                                      group_consecutive_messages=False,  # edit does not fire on a group with an image
+                                      feedback_options=(LIKE, DISLIKE))
+            with gr.Row(equal_height=True):
+                previous = gr.Button("◀", elem_id="sibling-previous", size="sm", scale=0, min_width=40)
+                self.sibling_label = gr.Markdown(elem_id="sibling-label")
+                following = gr.Button("▶", elem_id="sibling-next", size="sm", scale=0, min_width=40)
+                prefer = gr.Button("Prefer this answer", elem_id="prefer", size="sm", scale=0)
+                regenerate = gr.Button("Regenerate", elem_id="regenerate", size="sm", scale=0)
+            with gr.Row(visible=False, elem_id="feedback-panel") as feedback_panel:
+                reasons = gr.CheckboxGroup(list(config.FEEDBACK_REASONS), label="Why?", elem_id="reasons", scale=2)
+                comment = gr.Textbox(label="Comment (optional)", max_lines=3, elem_id="comment",
+                                     max_length=config.MAX_COMMENT_CHARS, scale=2)
+                save = gr.Button("Send feedback", elem_id="save-feedback", scale=0)
+            with gr.Column(visible=False, elem_id="compare-panel") as self.compare_panel:
+                with gr.Row():
+                    with gr.Column():
+                        gr.Markdown("**Answer A**")
+                        self.compare_a = gr.Markdown(elem_id="compare-a")
+                    with gr.Column():
+                        gr.Markdown("**Answer B**")
+                        self.compare_b = gr.Markdown(elem_id="compare-b")
+                with gr.Row(visible=False) as self.compare_buttons:
+                    pick_buttons = {choice: gr.Button(label, elem_id=f"pick-{choice.replace('_', '-')}")
+                                    for choice, label in (("a", "A is better"), ("b", "B is better"),
+                                                          ("tie", "Tie"), ("both_bad", "Both are bad"))}
+            self.textbox = gr.MultimodalTextbox(elem_id="message", file_types=["image"], file_count="multiple",
+                                                placeholder="Ask about an image…", show_label=False,
+                                                sources=["upload"])
+            with gr.Row():
+                stop = gr.Button("Stop", elem_id="stop", variant="stop", scale=0)
+                compare_mode = gr.Checkbox(label="Compare mode: two answers side by side, you pick the better",
+                                           elem_id="compare-mode")
+            self.info = gr.Markdown(elem_id="reply-info")
+            with gr.Accordion("Generation settings", open=False):
+                temperature = gr.Slider(config.TEMPERATURE_MIN, config.TEMPERATURE_MAX,
+                                        value=config.DEFAULT_TEMPERATURE, step=0.05,
+                                        label="Temperature (0 = greedy)", elem_id="temperature")
+                top_k = gr.Slider(config.TOP_K_MIN, 200, value=config.DEFAULT_TOP_K, step=1,
+                                  label="Top-k (0 = off)", elem_id="top-k")
+                top_p = gr.Slider(config.TOP_P_MIN, config.TOP_P_MAX, value=config.DEFAULT_TOP_P, step=0.01,
+                                  label="Top-p (1 = off)", elem_id="top-p")
+                max_new_tokens = gr.Slider(config.MAX_NEW_TOKENS_MIN, 1024, value=config.DEFAULT_MAX_NEW_TOKENS,
+                                           step=1, label="Max new tokens", elem_id="max-new-tokens")
+                seed = gr.Textbox(label=f"Seed (empty = random; {config.SEED_MIN} to {config.SEED_MAX})", value="",
+                                  elem_id="seed", max_lines=1)
+                system_prompt = gr.Textbox(label="System prompt", value=config.DEFAULT_SYSTEM_PROMPT,
+                                           max_length=config.MAX_SYSTEM_PROMPT_CHARS, elem_id="system-prompt")
+
+            private = dict(api_visibility="private")
+            generate = dict(private, concurrency_limit=config.CHAT_CONCURRENCY, concurrency_id="generate")
+            quick = dict(private, concurrency_limit=config.FEEDBACK_CONCURRENCY, concurrency_id="feedback")
+            sampling = [temperature, top_k, top_p, max_new_tokens, seed]
+            stream_outputs = [self.chatbot, self.state, self.sibling_label, self.info, self.conversations,
+                              self.textbox, self.compare_panel, self.compare_buttons, self.compare_a, self.compare_b]
+            unlock = dict(fn=lambda: gr.MultimodalTextbox(interactive=True), inputs=None, outputs=[self.textbox],
+                          **private)
+
+            app.load(self.load, None, [self.conversations, whoami, self.state], **quick)
+            sending = self.textbox.submit(self.send, [self.textbox, self.state, *sampling, system_prompt,
+                                                      compare_mode], stream_outputs, **generate)
+            sending.failure(**unlock)
+            regenerating = regenerate.click(self.regenerate, [self.state, *sampling], stream_outputs, **generate)
+            retrying = self.chatbot.retry(self.regenerate, [self.state, *sampling], stream_outputs, **generate)
+            editing = self.chatbot.edit(self.edit, [self.state, *sampling], stream_outputs, **generate)
+            stop.click(cancels=[sending, regenerating, retrying, editing], **unlock)
+            self.chatbot.like(self.like, [self.state], [self.state, feedback_panel, reasons, comment], **quick)
+            save.click(self.save_feedback, [reasons, comment, self.state], [feedback_panel, self.state], **quick)
+            self.chatbot.select(self.select_message, [self.state], [self.state, self.sibling_label], **quick)
+            previous.click(self.previous_sibling, [self.state], [self.chatbot, self.state, self.sibling_label], **quick)
+            following.click(self.next_sibling, [self.state], [self.chatbot, self.state, self.sibling_label], **quick)
+            prefer.click(self.prefer, [self.state], [self.chatbot, self.state, self.sibling_label], **quick)
+            for choice, button in pick_buttons.items():
+                button.click(self.picker(choice), [self.state],
+                             [self.chatbot, self.state, self.sibling_label, self.compare_panel], **quick)
+            self.conversations.input(self.open_conversation, [self.conversations, self.state],
+                                     [self.chatbot, self.state, self.sibling_label, system_prompt], **quick)
+            for trigger in (new_chat.click, self.chatbot.clear):
+                trigger(self.new_chat, None, [self.chatbot, self.state, self.sibling_label, self.conversations,
+                                                  self.info, self.textbox, feedback_panel, self.compare_panel],
+                        cancels=[sending, regenerating, retrying, editing], **private)
+        return app
 
 
-def build_app(engine: Engine, notice: str | None = None) -> gr.Blocks:
-    handlers = ChatHandlers(engine)
-    with gr.Blocks(title=TITLE) as app:
-        gr.Markdown(f"## {TITLE}\nChat with `{engine.model_id}`: attach an image and ask about it.")
-        if notice:
-            gr.Markdown(f"**Notice:** {notice}", elem_id="model-notice")
-        chatbot = gr.Chatbot(elem_id="chatbot", height=480, label="Chat")
-        textbox = gr.MultimodalTextbox(elem_id="message", file_types=["image"], file_count="multiple",
-                                       placeholder="Ask about an image…", show_label=False, sources=["upload"])
-        with gr.Row():
-            stop = gr.Button("Stop", elem_id="stop", variant="stop")
-            clear = gr.Button("New chat", elem_id="new-chat")
-        info = gr.Markdown(elem_id="reply-info")
-        with gr.Accordion("Generation settings", open=False):
-            temperature = gr.Slider(config.TEMPERATURE_MIN, config.TEMPERATURE_MAX, value=config.DEFAULT_TEMPERATURE,
-                                    step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
-            top_k = gr.Slider(config.TOP_K_MIN, 200, value=config.DEFAULT_TOP_K, step=1,
-                              label="Top-k (0 = off)", elem_id="top-k")
-            system_prompt = gr.Textbox(label="System prompt", value=config.DEFAULT_SYSTEM_PROMPT,
-                                       max_length=config.MAX_SYSTEM_PROMPT_CHARS, elem_id="system-prompt")
-
-        submitted = textbox.submit(handlers.add_user_message, [textbox, chatbot], [chatbot, textbox],
-                                   api_visibility="private")
-        answering = submitted.then(handlers.respond, [chatbot, temperature, top_k, system_prompt],
-                                   [chatbot, info], api_visibility="private")
-        answering.then(lambda: gr.MultimodalTextbox(interactive=True), None, [textbox], api_visibility="private")
-        submitted.failure(lambda: gr.MultimodalTextbox(interactive=True), None, [textbox], api_visibility="private")
-        answering.failure(lambda: gr.MultimodalTextbox(interactive=True), None, [textbox], api_visibility="private")
-        stop.click(lambda: gr.MultimodalTextbox(interactive=True), None, [textbox], cancels=[answering],
-                   api_visibility="private")
-        clear.click(lambda: ([], "", gr.MultimodalTextbox(value=None, interactive=True)), None,
-                    [chatbot, info, textbox], cancels=[answering], api_visibility="private")
-    return app
+def build_app(service: ChatService, users: Users, notice: str | None = None) -> gr.Blocks:
+    return ChatPage(service, users).build(service.engine.model_id, notice)

@@ -1,0 +1,366 @@
+"""Chat and feedback actions, shared by the page and the API: validate, authorize, store, generate.
+
+Invariants:
+- Every public method takes the calling `User` first and checks its rights itself: a user reaches
+  only their own conversations and messages; admin actions check the role. Nothing relies on the
+  page hiding a button.
+- Every input is validated here (limits from `config`, images through `images.load_image`) before
+  anything is stored; a refused request changes nothing.
+- The user's message (and images) are committed before generation starts; the answer is committed
+  when generation ends, also when it was stopped or the client went away (with what was produced),
+  so nothing the user wrote or saw is lost.
+- Never imports torch or gradio; the engine object is given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from . import config
+from .config import GenerationParams
+from .errors import AccessDenied, RequestError
+from .images import load_image
+from .store import PICKS, Store
+from .users import User
+
+VOTE_CHOICES = ("up", "down", "none")
+
+
+@dataclass
+class ChatEvent:
+    """A step of a streamed answer. `message_id` is set on the last event (`done`), once stored."""
+    conversation_id: int
+    user_message_id: int
+    text: str
+    done: bool = False
+    message_id: int | None = None
+    model: str = ""
+    adapter: str | None = None
+    meta: dict = field(default_factory=dict)
+    side: str | None = None  # "a" or "b" in a comparison
+
+    def as_dict(self) -> dict:
+        return {"conversation_id": self.conversation_id, "user_message_id": self.user_message_id,
+                "message_id": self.message_id, "text": self.text, "done": self.done, "model": self.model,
+                "adapter": self.adapter or "none", "side": self.side, "meta": self.meta}
+
+
+def parse_id(value, what: str) -> int:
+    """Ids arrive as ints, floats or strings from the page and the API."""
+    if isinstance(value, bool) or value is None or value == "":
+        raise RequestError(f"{what} is required")
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise RequestError(f"{what} must be a number, got {value!r}") from None
+    if number < 1:
+        raise RequestError(f"{what} must be a positive number, got {value!r}")
+    return number
+
+
+def validate_text(text, *, allow_empty: bool = False) -> str:
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise RequestError("the message must be text")
+    text = text.strip()
+    if not text and not allow_empty:
+        raise RequestError("type a message or attach an image")
+    if len(text) > config.MAX_MESSAGE_CHARS:
+        raise RequestError(f"the message is {len(text)} characters long; the limit is {config.MAX_MESSAGE_CHARS}")
+    return text
+
+
+def validate_system_prompt(system_prompt) -> str:
+    system_prompt = (system_prompt or "").strip()
+    if not isinstance(system_prompt, str):
+        raise RequestError("the system prompt must be text")
+    if len(system_prompt) > config.MAX_SYSTEM_PROMPT_CHARS:
+        raise RequestError(f"the system prompt is {len(system_prompt)} characters long; "
+                           f"the limit is {config.MAX_SYSTEM_PROMPT_CHARS}")
+    return system_prompt
+
+
+class ChatService:
+    def __init__(self, engine, store: Store):
+        self.engine = engine
+        self.store = store
+        self._user_ids: dict[tuple[str, str], int] = {}
+
+    # ------------------------------------------------------------ rights
+
+    def user_id(self, user: User) -> int:
+        key = (user.name, user.role)
+        if key not in self._user_ids:
+            self._user_ids[key] = self.store.ensure_user(user.name, user.role)
+        return self._user_ids[key]
+
+    def _own_conversation(self, user: User, conversation_id) -> dict:
+        conversation_id = parse_id(conversation_id, "conversation id")
+        conversation = self.store.conversation(conversation_id)
+        if conversation is None or conversation["user_id"] != self.user_id(user):
+            # the same answer for "missing" and "someone else's": ids of others are not confirmed
+            raise AccessDenied(f"conversation {conversation_id} does not exist or is not yours")
+        return conversation
+
+    def _own_message(self, user: User, message_id, role: str | None = None) -> dict:
+        message_id = parse_id(message_id, "message id")
+        message = self.store.message(message_id)
+        if message is None:
+            raise AccessDenied(f"message {message_id} does not exist or is not yours")
+        self._own_conversation(user, message["conversation_id"])
+        if role and message["role"] != role:
+            raise RequestError(f"message {message_id} is a {message['role']} message, not an {role} message"
+                               if role == "assistant" else
+                               f"message {message_id} is a {message['role']} message, not a {role} message")
+        return message
+
+    @staticmethod
+    def require_admin(user: User) -> None:
+        if not user.is_admin:
+            raise AccessDenied("this action is for admins only")
+
+    # ------------------------------------------------------------ inputs
+
+    def _check_images(self, image_paths) -> list:
+        image_paths = [p for p in (image_paths or []) if p]
+        if len(image_paths) > config.MAX_IMAGES_PER_MESSAGE:
+            raise RequestError(f"at most {config.MAX_IMAGES_PER_MESSAGE} images per message, got {len(image_paths)}")
+        return [load_image(path) for path in image_paths]  # all checked before any is stored
+
+    def _engine_messages(self, path: list[dict]) -> list[dict]:
+        messages = []
+        for message in path:
+            parts = [{"type": "image", "image": load_image(p)} for p in self.store.message_images(message["id"])]
+            if message["text"]:
+                parts.append({"type": "text", "text": message["text"]})
+            messages.append({"role": message["role"], "content": parts})
+        return messages
+
+    # ------------------------------------------------------------ generating
+
+    def _answer(self, user_message: dict, params: GenerationParams, system_prompt: str, kind: str,
+                side: str | None = None) -> Iterator[ChatEvent]:
+        path = self.store.path_to(user_message["id"])
+        if len(path) + 1 > config.MAX_CONVERSATION_MESSAGES:
+            raise RequestError(f"this conversation has reached {config.MAX_CONVERSATION_MESSAGES} messages; "
+                               f"start a new chat")
+        messages = self._engine_messages(path)
+        conversation_id = user_message["conversation_id"]
+        adapter = getattr(self.engine, "adapter", None)
+        text, meta, stored = "", None, False
+        stream = self.engine.stream(messages, params, system_prompt=system_prompt or None)
+        try:
+            for event in stream:
+                text = event.text
+                if event.done:
+                    meta = event.meta
+                    break
+                if event.delta:
+                    yield ChatEvent(conversation_id, user_message["id"], text, model=self.engine.model_id,
+                                    adapter=adapter, side=side)
+        finally:
+            stream.close()
+            # Stopped, or the client went away: keep what was produced (marked as stopped).
+            if meta is None and text:
+                self.store.add_message(conversation_id, user_message["id"], "assistant", text, kind=kind,
+                                       generation=self._generation_record(None, params, system_prompt, adapter))
+                stored = True
+        if stored or meta is None:
+            return
+        message_id = self.store.add_message(conversation_id, user_message["id"], "assistant", text, kind=kind,
+                                            generation=self._generation_record(meta, params, system_prompt, adapter))
+        yield ChatEvent(conversation_id, user_message["id"], text, done=True, message_id=message_id,
+                        model=meta.model_id, adapter=meta.adapter, side=side,
+                        meta={"reply_tokens": meta.reply_tokens, "prompt_tokens": meta.prompt_tokens,
+                              "tokens_per_s": meta.tokens_per_s, "finish_reason": meta.finish_reason,
+                              "trimmed_messages": meta.trimmed_messages, "seed": meta.seed})
+
+    def _generation_record(self, meta, params: GenerationParams, system_prompt: str, adapter) -> dict:
+        if meta is None:
+            return {"model_id": self.engine.model_id, "adapter_version": adapter, "params": params.as_dict(),
+                    "seed": params.seed, "system_prompt": system_prompt, "finish_reason": "stopped"}
+        return {"model_id": meta.model_id, "adapter_version": meta.adapter, "params": meta.params,
+                "seed": meta.seed, "system_prompt": system_prompt, "prompt_tokens": meta.prompt_tokens,
+                "reply_tokens": meta.reply_tokens, "time_to_first_token_s": meta.time_to_first_token_s,
+                "tokens_per_s": meta.tokens_per_s, "total_s": meta.total_s, "finish_reason": meta.finish_reason,
+                "trimmed_messages": meta.trimmed_messages}
+
+    def _new_user_turn(self, user: User, conversation_id, text, image_paths, system_prompt: str) -> dict:
+        text = validate_text(text, allow_empty=bool(image_paths))
+        conversation = None
+        if conversation_id not in (None, "", 0):
+            conversation = self._own_conversation(user, conversation_id)
+        images = self._check_images(image_paths)
+        if conversation is None:
+            conversation_id = self.store.create_conversation(self.user_id(user), (text or "Image"), system_prompt)
+            parent_id = None
+        else:
+            conversation_id, parent_id = conversation["id"], conversation["leaf_id"]
+            leaf = self.store.message(parent_id) if parent_id is not None else None
+            if leaf is not None and leaf["role"] != "assistant":
+                # the last turn got no answer (it failed or was stopped at once): this one replaces it, as an edit
+                parent_id = leaf["parent_id"]
+        shas = [self.store.save_image(image).sha256 for image in images]
+        message_id = self.store.add_message(conversation_id, parent_id, "user", text, image_shas=shas)
+        return self.store.message(message_id)
+
+    def chat(self, user: User, conversation_id, text, image_paths=(), params: GenerationParams | None = None,
+             system_prompt: str = "") -> Iterator[ChatEvent]:
+        """Start (conversation_id empty) or continue a conversation; streams the answer."""
+        params = params or config.validate_generation()
+        system_prompt = validate_system_prompt(system_prompt)
+        user_message = self._new_user_turn(user, conversation_id, text, image_paths, system_prompt)
+        yield from self._answer(user_message, params, system_prompt, "chat")
+
+    def regenerate(self, user: User, message_id, params: GenerationParams | None = None,
+                   system_prompt: str | None = None) -> Iterator[ChatEvent]:
+        """A new answer to the same prompt, kept beside the old one as a sibling."""
+        message = self._own_message(user, message_id)
+        if message["role"] == "assistant":
+            user_message = self.store.message(message["parent_id"])
+        else:
+            user_message = message
+        params = params or self._params_of(message)
+        system_prompt = self._system_prompt_of(message) if system_prompt is None else validate_system_prompt(system_prompt)
+        yield from self._answer(user_message, params, system_prompt, "regenerate")
+
+    def edit(self, user: User, message_id, text, params: GenerationParams | None = None,
+             system_prompt: str | None = None) -> Iterator[ChatEvent]:
+        """Branch: a new version of a user message (same parent, same images) and an answer to it."""
+        message = self._own_message(user, message_id, role="user")
+        text = validate_text(text, allow_empty=bool(self.store.message_images(message["id"])))
+        shas = [row["sha256"] for row in self.store.query(
+            "SELECT sha256 FROM message_images WHERE message_id = ? ORDER BY position", [message["id"]])]
+        new_id = self.store.add_message(message["conversation_id"], message["parent_id"], "user", text,
+                                        kind="edit", image_shas=shas)
+        params = params or config.validate_generation()
+        system_prompt = self._system_prompt_of(message) if system_prompt is None else validate_system_prompt(system_prompt)
+        yield from self._answer(self.store.message(new_id), params, system_prompt, "chat")
+
+    def compare(self, user: User, conversation_id, text, image_paths=(), params: GenerationParams | None = None,
+                system_prompt: str = "", params_b: GenerationParams | None = None) -> Iterator[ChatEvent]:
+        """Two answers to one prompt (A, then B; different samples unless both are greedy). The last event
+        carries `meta["comparison_id"]` and both message ids."""
+        params = params or config.validate_generation()
+        if params_b is None:
+            seed_b = None if params.seed is None else (params.seed + 1) % (config.SEED_MAX + 1)
+            params_b = GenerationParams(**{**params.as_dict(), "seed": seed_b})
+        system_prompt = validate_system_prompt(system_prompt)
+        user_message = self._new_user_turn(user, conversation_id, text, image_paths, system_prompt)
+        finals = {}
+        for side, side_params in (("a", params), ("b", params_b)):
+            for event in self._answer(user_message, side_params, system_prompt, "compare", side=side):
+                if event.done:
+                    finals[side] = event
+                yield event
+        if set(finals) != {"a", "b"}:
+            return
+        comparison_id = self.store.create_comparison(self.user_id(user), user_message["id"],
+                                                     finals["a"].message_id, finals["b"].message_id)
+        self.store.set_leaf(user_message["conversation_id"], finals["a"].message_id)
+        last = finals["b"]
+        last.meta = dict(last.meta, comparison_id=comparison_id, a_message_id=finals["a"].message_id,
+                         b_message_id=finals["b"].message_id)
+        yield last
+
+    def _params_of(self, message: dict) -> GenerationParams:
+        generation = self.store.generation(message["id"]) if message["role"] == "assistant" else None
+        if generation and generation.get("params"):
+            return config.validate_generation(**{k: v for k, v in generation["params"].items()
+                                                 if k in GenerationParams.__dataclass_fields__})
+        return config.validate_generation()
+
+    def _system_prompt_of(self, message: dict) -> str:
+        conversation = self.store.conversation(message["conversation_id"])
+        return conversation.get("system_prompt") or ""
+
+    # ------------------------------------------------------------ feedback
+
+    def vote(self, user: User, message_id, vote: str, reasons=(), comment: str = "") -> dict:
+        message = self._own_message(user, message_id, role="assistant")
+        if vote not in VOTE_CHOICES:
+            raise RequestError(f"vote must be one of {', '.join(VOTE_CHOICES)}, got {vote!r}")
+        reasons = list(reasons or [])
+        unknown = [r for r in reasons if r not in config.FEEDBACK_REASONS]
+        if unknown:
+            raise RequestError(f"unknown reason(s) {unknown}; choose from {', '.join(config.FEEDBACK_REASONS)}")
+        comment = comment or ""
+        if not isinstance(comment, str):
+            raise RequestError("the comment must be text")
+        if len(comment) > config.MAX_COMMENT_CHARS:
+            raise RequestError(f"the comment is {len(comment)} characters long; the limit is {config.MAX_COMMENT_CHARS}")
+        if vote == "none" and (reasons or comment.strip()):
+            raise RequestError("reasons and a comment need a vote (up or down)")
+        self.store.set_vote(self.user_id(user), message["id"], None if vote == "none" else vote, reasons,
+                            comment.strip())
+        return {"message_id": message["id"], "vote": vote, "reasons": reasons, "comment": comment.strip()}
+
+    def prefer(self, user: User, message_id) -> dict:
+        message = self._own_message(user, message_id, role="assistant")
+        siblings = [m for m in self.store.siblings(message["id"]) if m["role"] == "assistant"]
+        if len(siblings) < 2:
+            raise RequestError(f"message {message['id']} has no other answer to be preferred to; regenerate first")
+        self.store.prefer(self.user_id(user), message["id"])
+        self.store.set_leaf(message["conversation_id"], self._newest_leaf(message["id"]))
+        return {"message_id": message["id"], "rejected": [m["id"] for m in siblings if m["id"] != message["id"]]}
+
+    def compare_pick(self, user: User, comparison_id, pick: str) -> dict:
+        comparison_id = parse_id(comparison_id, "comparison id")
+        comparison = self.store.comparison(comparison_id)
+        if comparison is None or comparison["user_id"] != self.user_id(user):
+            raise AccessDenied(f"comparison {comparison_id} does not exist or is not yours")
+        if pick not in PICKS:
+            raise RequestError(f"pick must be one of {', '.join(PICKS)}, got {pick!r}")
+        self.store.pick(comparison_id, pick)
+        chosen = comparison["b_id"] if pick == "b" else comparison["a_id"]
+        conversation_id = self.store.message(chosen)["conversation_id"]
+        self.store.set_leaf(conversation_id, self._newest_leaf(chosen))
+        return {"comparison_id": comparison_id, "pick": pick, "message_id": chosen}
+
+    # ------------------------------------------------------------ reading
+
+    def _newest_leaf(self, message_id: int) -> int:
+        """Follow the newest child down from a message: what the user sees after choosing that branch."""
+        message = self.store.message(message_id)
+        while True:
+            children = self.store.children(message["id"], message["conversation_id"])
+            if not children:
+                return message["id"]
+            message = children[-1]
+
+    def select(self, user: User, message_id) -> dict:
+        """Show the branch through `message_id` (sibling navigation)."""
+        message = self._own_message(user, message_id)
+        self.store.set_leaf(message["conversation_id"], self._newest_leaf(message["id"]))
+        return self.conversation(user, message["conversation_id"])
+
+    def conversations(self, user: User) -> list[dict]:
+        return self.store.conversations(self.user_id(user))
+
+    def conversation(self, user: User, conversation_id) -> dict:
+        """The conversation as shown: the messages on the current branch, each with its images, its
+        siblings ("2 of 3"), its generation record (answers) and the caller's vote."""
+        conversation = self._own_conversation(user, conversation_id)
+        user_id = self.user_id(user)
+        messages = []
+        if conversation["leaf_id"] is not None:
+            for message in self.store.path_to(conversation["leaf_id"]):
+                siblings = [m["id"] for m in self.store.siblings(message["id"]) if m["role"] == message["role"]]
+                entry = {"id": message["id"], "role": message["role"], "text": message["text"],
+                         "kind": message["kind"], "images": [str(p) for p in self.store.message_images(message["id"])],
+                         "siblings": siblings, "position": siblings.index(message["id"]) + 1}
+                if message["role"] == "assistant":
+                    generation = self.store.generation(message["id"]) or {}
+                    entry["model"] = generation.get("model_id")
+                    entry["adapter"] = generation.get("adapter_version") or "none"
+                    entry["finish_reason"] = generation.get("finish_reason")
+                    entry["vote"] = self.store.vote(user_id, message["id"])
+                    entry["preferred"] = self.store.preferred(user_id, message["parent_id"]) == message["id"]
+                messages.append(entry)
+        return {"id": conversation["id"], "title": conversation["title"],
+                "system_prompt": conversation.get("system_prompt") or "", "messages": messages}
+
+    def feedback_stats(self, user: User) -> dict:
+        self.require_admin(user)
+        return self.store.feedback_stats()
