@@ -51,16 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     users = sub.add_parser("users", help="manage who may log in (logins are on once a user exists)",
                            description="Manage the users file. Without users the app runs as one local admin "
                                        "and only listens on 127.0.0.1; with users, everyone logs in.")
-    users.add_argument("--data-dir", help="default: $CHATAPP_DATA_DIR, else ./data")
     users_sub = users.add_subparsers(dest="action", metavar="ACTION", required=True)
     add = users_sub.add_parser("add", help="add a user (asks for the password)")
     add.add_argument("name")
     add.add_argument("--role", choices=["user", "admin"], default="user")
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin (for scripts)")
     add.add_argument("--replace", action="store_true", help="change the password or role of an existing user")
-    users_sub.add_parser("list", help="list users and roles")
+    listing = users_sub.add_parser("list", help="list users and roles")
     remove = users_sub.add_parser("remove", help="remove a user (their conversations stay in the store)")
     remove.add_argument("name")
+    for action in (add, listing, remove):
+        action.add_argument("--data-dir", help="where the users file lives (default: $CHATAPP_DATA_DIR, else ./data)")
 
     ask = sub.add_parser("ask", help="ask one question and print the reply",
                          description="Ask one question (optionally about images); prints only the reply.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import html
 import inspect
+from pathlib import Path
 from typing import Iterator
 
 import gradio as gr
@@ -134,8 +135,13 @@ def register(service: ChatService, users: Users) -> None:
 
     @as_gradio_errors
     def conversation(conversation_id: int, request: gr.Request = None) -> dict:
-        """One of your conversations: the messages on its current branch with images, siblings, votes."""
-        return service.conversation(caller(users, request), conversation_id)
+        """One of your conversations: the messages on its current branch with images (their names in the
+        store, images/<sha256>.png), siblings, votes."""
+        conversation = service.conversation(caller(users, request), conversation_id)
+        root = service.store.data_dir
+        for message in conversation["messages"]:
+            message["images"] = [str(Path(p).relative_to(root)) for p in message["images"]]
+        return conversation
 
     @as_gradio_errors
     def feedback_stats(request: gr.Request = None) -> dict:

@@ -221,6 +221,17 @@ def test_browser_compare_and_edit(server, browser, image_file, artifacts):
     page = browser.new_page(viewport={"width": 1200, "height": 1000})
     page.goto(url)
     expect(page.locator("#whoami")).to_contain_text("local", timeout=30_000)
+    # a bad image is refused with a readable message in the page, and nothing is sent
+    fake = image_file.parent / "notes.png"
+    fake.write_text("not an image at all")
+    page.locator('#message input[data-testid="file-upload"]').set_input_files(str(fake))
+    expect(page.locator("#message img, #message [data-testid='file']").first).to_be_attached(timeout=15_000)
+    page.locator("#message textarea").fill("What is this?")
+    page.locator("#message textarea").press("Enter")
+    expect(page.locator('[data-testid="toast-body"]').first).to_contain_text("not an image", timeout=30_000)
+    expect(page.locator('[data-testid="bot"]')).to_have_count(0)
+    page.locator("#new-chat").click()
+
     page.locator("#compare-mode input").check()
     page.locator('#message input[data-testid="file-upload"]').set_input_files(str(image_file))
     expect(page.locator("#message img")).to_have_count(1, timeout=15_000)
