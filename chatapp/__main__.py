@@ -1,4 +1,4 @@
-"""The one command line: `python -m chatapp serve|ask|users|export|demo-model ...`.
+"""The one command line: `python -m chatapp serve|ask|train|adapters|users|export|demo-model ...`.
 
 Invariants:
 - `ask` writes the reply, and nothing else, to stdout; notices and errors go to stderr.
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import config, export
+from . import adapters, config, export
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +23,11 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else float32)")
     parser.add_argument("--quantize", choices=["4bit", "8bit"], help="bitsandbytes loading (CUDA only)")
+
+
+def _adapter_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", help="adapter version to answer with, or 'none' for the base model "
+                        "(default: the data dir's active adapter)")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +52,35 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=config.DEFAULT_HOST, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=config.DEFAULT_PORT)
     serve.add_argument("--data-dir", help="database, images and adapters (default: $CHATAPP_DATA_DIR, else ./data)")
+    _adapter_args(serve)
+
+    train = sub.add_parser("train", help="turn the collected feedback into a LoRA adapter (gated, versioned)",
+                           description="Train a LoRA adapter on the feedback in the store, evaluate it against the "
+                                       "live adapter on held-out feedback and a regression probe, and publish it "
+                                       "(activated only when the gate promotes it).")
+    train.add_argument("--model", help="same choice and offline fallback as `serve`")
+    train.add_argument("--method", choices=["auto", "rs", "kto", "dpo", "sft"], default="auto",
+                       help="auto (default): rs (rejection sampling with a vote-trained scorer) when there are "
+                            "thumbs up and down, else dpo with enough pairs, else kto")
+    train.add_argument("--from", dest="start_from", choices=["active", "base"], default="active",
+                       help="start from the live adapter (default) or from the base model")
+    train.add_argument("--max-steps", type=int, help="cap the optimizer steps of each training phase")
+    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--lr", type=float, help="learning rate (default per method)")
+    train.add_argument("--best-of", type=int, default=8, help="rs: answers sampled per prompt (default 8)")
+    train.add_argument("--prompts", type=int, default=1000, help="rs: logged prompts to sample on (default 1000)")
+    train.add_argument("--lora-r", type=int, default=8)
+    train.add_argument("--lora-mlp", action="store_true", help="also put LoRA on the MLP projections")
+    train.add_argument("--min-rows", type=int, default=20, help="no run below this many training rows")
+    train.add_argument("--max-user-share", type=float, default=0.3, help="cap on one user's share of the rows")
+    train.add_argument("--publish", choices=["gate", "always", "never"], default="gate",
+                       help="gate (default): publish, activate only if promoted; always: activate anyway; never")
+    train.add_argument("--regression-set", help="JSONL of prompts/images/expected keywords for the gate "
+                                                "(models other than the demo model)")
+    train.add_argument("--quantize", choices=["4bit"], help="QLoRA (CUDA only)")
+    train.add_argument("--threads", type=int, help="torch threads (default: 1 on 2 cores or fewer)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--data-dir", help="default: $CHATAPP_DATA_DIR, else ./data")
 
     users = sub.add_parser("users", help="manage who may log in (logins are on once a user exists)",
                            description="Manage the users file. Without users the app runs as one local admin "
@@ -68,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     ask.add_argument("--system", default="", help="system prompt")
+    ask.add_argument("--data-dir", help="where the adapters are (default: $CHATAPP_DATA_DIR, else ./data)")
+    _adapter_args(ask)
     _model_args(ask)
     _sampling_args(ask)
 
@@ -85,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print the full result as JSON")
     export.add_parser(sub)
+    adapters.add_parser(sub)
     return parser
 
 
@@ -140,6 +177,40 @@ def cmd_users(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .adapters import Registry
+    from .store import Store
+    from .trainer import TrainSettings, train
+
+    data = config.data_dir(args.data_dir)
+    settings = TrainSettings(method=args.method, start_from=args.start_from, max_steps=args.max_steps,
+                             epochs=args.epochs, learning_rate=args.lr, best_of=args.best_of, rs_prompts=args.prompts,
+                             lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_mlp=args.lora_mlp,
+                             min_rows=args.min_rows, max_user_share=args.max_user_share, publish=args.publish,
+                             regression_set=args.regression_set, quantize=args.quantize, threads=args.threads,
+                             seed=args.seed)
+    result = train(Store(data), Registry.for_data_dir(data), config.requested_model(args.model), settings,
+                   log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({"run": result.run_id, "method": result.method, "decision": result.decision,
+                      "reason": result.reason, "version": result.version}))
+    return 0
+
+
+def activate_adapter(engine, data_dir, requested: str | None) -> str | None:
+    """Load the adapter `serve`/`ask` should answer with: `requested` (a version or 'none'), else the
+    data dir's active one. Returns the version used (None = base)."""
+    from .adapters import Registry, base_fingerprint
+
+    registry = Registry.for_data_dir(data_dir)
+    version = requested if requested is not None else registry.active()
+    if version in (None, "", "none"):
+        return None
+    path = registry.validate(version, base_fingerprint(engine.base_model()))
+    version = path.name
+    engine.use_adapter(version, path)
+    return version
+
+
 def cmd_ask(args) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -152,6 +223,7 @@ def cmd_ask(args) -> int:
     content = [{"type": "image", "image": load_image(p)} for p in args.image]
     content.append({"type": "text", "text": args.question})
     engine = _load(args).engine
+    activate_adapter(engine, config.data_dir(args.data_dir), args.adapter)
     reply = engine.generate([{"role": "user", "content": content}], params, system_prompt=args.system or None)
     print(reply.text)
     return 0
@@ -188,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     from .images import ImageError
     from .users import UserError
 
-    handler = {"serve": cmd_serve, "ask": cmd_ask, "users": cmd_users, "export": export.run,
+    handler = {"serve": cmd_serve, "ask": cmd_ask, "users": cmd_users, "export": export.run, "train": cmd_train, "adapters": adapters.run,
                "demo-model": cmd_demo_model}[args.command]
     try:
         return handler(args)
-    except (ParameterError, EngineError, ImageError, UserError, RequestError) as error:
+    except (ParameterError, EngineError, ImageError, UserError, RequestError, PermissionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -300,7 +301,8 @@ class Engine:
         self.model = model
         self.processor = processor
         self.model_id = model_id
-        self.adapter: str | None = None
+        self.adapter: str | None = None  # the adapter version answers come from; None = the base model
+        self._peft = False  # becomes a PeftModel holding the loaded adapter versions on first use
         self._lock = threading.Lock()
         # Every generate() of this engine runs on this one thread. Two threads running torch ops
         # slow each other 2-3x on a 2-core machine (their OpenMP teams compete; measured), so the
@@ -320,6 +322,41 @@ class Engine:
     @property
     def device(self):
         return self.model.device
+
+    # ------------------------------------------------------------ adapters
+
+    def use_adapter(self, version: str | None, path=None) -> None:
+        """Answer from adapter `version` (loaded from `path` the first time; None = the base model).
+        Takes effect between generations: an answer being streamed finishes on the adapter it started
+        with (the switch waits for the generation lock)."""
+        with self._lock:
+            self._switch(version, path)
+
+    def _switch(self, version: str | None, path) -> None:
+        if version is None:
+            self.adapter = None
+            return
+        from peft import PeftModel
+
+        if not self._peft:
+            if path is None:
+                raise EngineError(f"adapter {version} is not loaded and no folder was given")
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version).eval()
+            self._peft = True
+        elif version not in self.model.peft_config:
+            if path is None:
+                raise EngineError(f"adapter {version} is not loaded and no folder was given")
+            self.model.load_adapter(str(path), adapter_name=version)
+        self.model.set_adapter(version)
+        self.model.eval()
+        self.adapter = version
+
+    def loaded_adapters(self) -> list[str]:
+        return sorted(self.model.peft_config) if self._peft else []
+
+    def base_model(self):
+        """The model without the peft wrapper (what adapters are fingerprinted against)."""
+        return self.model.get_base_model() if self._peft else self.model
 
     @classmethod
     def load(cls, name: str, *, device: str | None = None, dtype: str | None = None,
@@ -411,7 +448,9 @@ class Engine:
 
                 try:
                     torch.manual_seed(seed)
-                    with torch.inference_mode():
+                    base_only = self.model.disable_adapter() if self._peft and self.adapter is None \
+                        else contextlib.nullcontext()
+                    with torch.inference_mode(), base_only:
                         self.model.generate(**kwargs)
                 finally:
                     streamer.end()

@@ -82,3 +82,20 @@ def m002_feedback_index_and_conversation_system_prompt(db: Database) -> None:
     # Export and statistics read votes by message; a reopened conversation gets its system prompt back.
     db["feedback"].create_index(["message_id"])
     db["conversations"].add_column("system_prompt", str, not_null_default="")
+
+
+@migrations()
+def m003_training_runs(db: Database) -> None:
+    # One row per training run; the trainer updates it as it goes so a page can follow it.
+    # status: running, promoted, rejected, failed, skipped
+    db["training_runs"].create(
+        {"id": int, "status": str, "method": str, "phase": str, "step": int, "total_steps": int,
+         "loss": float, "eta_s": float, "rows": int, "settings": str, "metrics": str, "decision": str,
+         "reason": str, "candidate_version": str, "parent_version": str, "error": str, "pid": int,
+         "started_at": str, "updated_at": str, "finished_at": str},
+        pk="id", not_null={"status"})
+    # The curves: one point per logged step (loss, rewards) for plots.
+    db["training_points"].create(
+        {"run_id": int, "phase": str, "step": int, "name": str, "value": float, "created_at": str},
+        foreign_keys=[("run_id", "training_runs", "id")])
+    db["training_points"].create_index(["run_id", "step"])

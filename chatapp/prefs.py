@@ -224,3 +224,92 @@ def rows(store, fmt: str) -> Rows:
     if fmt not in BUILDERS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     return BUILDERS[fmt](store)
+
+
+# ---------------------------------------------------------------- preparing a training run
+
+HELD_OUT_FRACTION = 0.2
+MAX_USER_SHARE = 0.3
+
+
+def rated_id(provenance: dict) -> int:
+    """The message a row is about: the rated answer (KTO, SFT) or the chosen one (DPO)."""
+    return provenance.get("message_id") or provenance["chosen_id"]
+
+
+def is_held_out(message_id: int, fraction: float = HELD_OUT_FRACTION) -> bool:
+    """Deterministic split by a hash of the rated message: the same message is always on the same side,
+    whatever else is in the store, so training never sees the gate's rows."""
+    digest = hashlib.sha256(f"chatapp-heldout:{message_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split(rows_: Rows, fraction: float = HELD_OUT_FRACTION) -> tuple[Rows, Rows]:
+    train, held = Rows(rows_.fmt, skipped=Counter(rows_.skipped)), Rows(rows_.fmt)
+    for row, provenance in zip(rows_.rows, rows_.provenance):
+        target = held if is_held_out(rated_id(provenance), fraction) else train
+        target.rows.append(row)
+        target.provenance.append(provenance)
+    return train, held
+
+
+def cap_per_user(rows_: Rows, max_share: float = MAX_USER_SHARE) -> Rows:
+    """Keep at most `max_share` of the rows from any one user (their oldest rows first), so one user
+    cannot dominate a run. The cap needs at least 1/max_share users to be satisfiable; with fewer (a
+    single local user, say) the rows are kept as they are and `skipped` says the cap could not apply."""
+    by_user: dict = {}
+    for i, provenance in enumerate(rows_.provenance):
+        by_user.setdefault(provenance.get("user_id"), []).append(i)
+    out = Rows(rows_.fmt, skipped=Counter(rows_.skipped))
+    quota = None
+    for q in range(max((len(ix) for ix in by_user.values()), default=0), 0, -1):
+        if q <= max_share * sum(min(len(ix), q) for ix in by_user.values()):
+            quota = q
+            break
+    if quota is None:
+        if rows_.rows:
+            out.skipped[f"per-user cap of {max_share:.0%} not applied: only {len(by_user)} user(s)"] += 0
+        out.rows, out.provenance = list(rows_.rows), list(rows_.provenance)
+        return out
+    keep = sorted(i for ix in by_user.values() for i in ix[:quota])
+    for i in keep:
+        out.rows.append(rows_.rows[i])
+        out.provenance.append(rows_.provenance[i])
+    if len(rows_.rows) - len(keep):
+        out.skipped[f"over the per-user cap of {max_share:.0%}"] += len(rows_.rows) - len(keep)
+    return out
+
+
+def kto_weights(rows_: Rows) -> tuple[float, float]:
+    """(desirable_weight, undesirable_weight) that balance the labels: the minority label is weighted
+    up so that both sides contribute equally to the loss."""
+    ups = sum(1 for row in rows_.rows if row["label"])
+    downs = len(rows_.rows) - ups
+    if not ups or not downs:
+        return 1.0, 1.0
+    if ups >= downs:
+        return 1.0, ups / downs
+    return downs / ups, 1.0
+
+
+def logged_prompts(store, exclude_message_ids: set[int] = frozenset(), limit: int | None = None) -> list[dict]:
+    """Distinct prompts users sent that got an answer: {"prompt", "images", "answer_id"}, newest first.
+    Prompts of excluded (held-out) answers are left out."""
+    excluded_parents = {row["parent_id"] for row in (store.message(i) for i in exclude_message_ids) if row}
+    out, seen = [], set()
+    for row in store.query("SELECT parent_id, max(id) AS answer_id FROM messages WHERE role = 'assistant' "
+                           "AND parent_id IS NOT NULL GROUP BY parent_id ORDER BY parent_id DESC"):
+        if row["parent_id"] in excluded_parents:
+            continue
+        try:
+            prompt, images = prompt_from_context(store.context(row["answer_id"]))
+        except (_Skip, KeyError):
+            continue
+        key = json.dumps([prompt, [image_sha(p) for p in images]], sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append({"prompt": prompt, "images": images, "answer_id": row["answer_id"]})
+        if limit and len(out) >= limit:
+            break
+    return out

@@ -31,6 +31,10 @@ def serve(args) -> int:
                               quantization=args.quantize)
     if loaded.notice:
         print(f"notice: {loaded.notice}", file=sys.stderr)
+    from .__main__ import activate_adapter
+
+    version = activate_adapter(loaded.engine, data, args.adapter)
+    print(f"chatapp: answering with adapter {version or 'none (base model)'}", file=sys.stderr)
     app = build_app(ChatService(loaded.engine, store), users, loaded.notice)
     logins = "logins on" if users.enabled else "single local user, no login"
     print(f"chatapp: serving {loaded.engine.model_id} on http://{args.host}:{args.port} "

@@ -364,3 +364,66 @@ class Store:
                 "comparisons": self.one("SELECT count(*) AS n FROM comparisons WHERE pick IS NOT NULL")["n"],
                 "messages": self.one("SELECT count(*) AS n FROM messages")["n"],
                 "conversations": self.one("SELECT count(*) AS n FROM conversations")["n"]}
+
+    # ------------------------------------------------------------ training runs
+
+    def create_run(self, method: str, settings: dict, parent_version: str | None) -> int:
+        with self.write() as db:
+            stamp = now()
+            return db["training_runs"].insert({
+                "status": "running", "method": method, "phase": "starting", "step": 0, "total_steps": 0,
+                "settings": json.dumps(settings, sort_keys=True, default=str), "parent_version": parent_version,
+                "pid": os.getpid(), "started_at": stamp, "updated_at": stamp}).last_pk
+
+    def update_run(self, run_id: int, points: dict | None = None, **fields) -> None:
+        """Progress of a run (phase, step, total_steps, loss, eta_s, ...) and optional curve points."""
+        for key in ("metrics", "settings"):
+            if key in fields and not isinstance(fields[key], str):
+                fields[key] = json.dumps(fields[key], sort_keys=True, default=str)
+        with self.write() as db:
+            stamp = now()
+            db["training_runs"].update(run_id, dict(fields, updated_at=stamp))
+            if points:
+                db["training_points"].insert_all(
+                    [{"run_id": run_id, "phase": fields.get("phase") or "", "step": fields.get("step") or 0,
+                      "name": name, "value": float(value), "created_at": stamp} for name, value in points.items()])
+
+    def finish_run(self, run_id: int, status: str, **fields) -> None:
+        self.update_run(run_id, status=status, finished_at=now(), **fields)
+
+    def run(self, run_id: int) -> dict | None:
+        row = self.one("SELECT * FROM training_runs WHERE id = ?", [run_id])
+        if row:
+            for key in ("metrics", "settings"):
+                row[key] = json.loads(row[key]) if row[key] else {}
+        return row
+
+    def runs(self, limit: int = 50) -> list[dict]:
+        return [self.run(row["id"]) for row in self.query("SELECT id FROM training_runs ORDER BY id DESC LIMIT ?",
+                                                           [limit])]
+
+    def run_points(self, run_id: int) -> list[dict]:
+        return self.query("SELECT phase, step, name, value FROM training_points WHERE run_id = ? ORDER BY rowid",
+                          [run_id])
+
+    def fail_stale_runs(self) -> list[int]:
+        """Mark runs whose process is gone (killed, crashed) as failed; returns their ids."""
+        stale = []
+        for row in self.query("SELECT id, pid FROM training_runs WHERE status = 'running'"):
+            if not _process_alive(row["pid"]):
+                stale.append(row["id"])
+                self.finish_run(row["id"], "failed", error="the training process died (killed or crashed)",
+                                phase="failed")
+        return stale
+
+
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,195 @@
+"""The evaluation gate: is a candidate adapter better than the live one (or the base)?
+
+Invariants:
+- Judged only on feedback training never saw (the held-out split of `prefs`) and on a fixed
+  regression probe, never on the training rows.
+- Preference: the implicit reward of an answer under a policy is log p_policy(answer) - log
+  p_base(answer). On held-out thumbs, the AUC of that reward (liked above disliked) must reach
+  `min_auc` and beat the live policy's AUC; on held-out pairs, chosen must beat rejected more
+  often than under the live policy.
+- Behaviour: a vote-only metric passes a collapsed adapter, so the candidate must also keep its
+  regression accuracy within `max_regression` of the live policy's (demo model: greedy accuracy on
+  fixed shapes questions; other models: an optional JSONL of prompts, images and expected
+  keywords), and, when a scorer is given, its sampled answers on held-out prompts must score higher
+  than the live policy's.
+- The decision and every number behind it are returned, so the registry can record them.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import modelops
+
+PROBE_SEED = 424242
+
+
+@dataclass
+class GateSettings:
+    min_auc: float = 0.75
+    max_regression: float = 0.02  # accuracy points (0.02 = 2 points) the candidate may lose
+    min_held_out: int = 8  # held-out rows needed to judge preference at all
+    probe_per_type: int = 50
+    regression_set: str | None = None  # JSONL for models other than the demo model
+    style_prompts: int = 48
+    style_samples: int = 4
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def auc(positives: list[float], negatives: list[float]) -> float | None:
+    """P(random positive > random negative), ties count half."""
+    if not positives or not negatives:
+        return None
+    wins = 0.0
+    for p in positives:
+        for n in negatives:
+            wins += 1.0 if p > n else 0.5 if p == n else 0.0
+    return wins / (len(positives) * len(negatives))
+
+
+def rewards(model, processor, items: list[dict], policy: str | None) -> torch.Tensor:
+    """Implicit reward of each item's completion under `policy` (an adapter name; None = base: zeros)."""
+    if policy is None or not items:
+        return torch.zeros(len(items))
+    with modelops.adapter(model, policy):
+        policy_logps = modelops.completion_logps(model, processor, items)
+    with modelops.adapter(model, None):
+        base_logps = modelops.completion_logps(model, processor, items)
+    return policy_logps - base_logps
+
+
+def kto_items(rows: list[dict]) -> list[dict]:
+    return [{"prompt": r["prompt"], "images": modelops.load_images(r["images"]),
+             "completion": r["completion"][0]["content"][0]["text"], "label": r["label"]} for r in rows]
+
+
+def preference_metrics(model, processor, kto_rows: list[dict], dpo_rows: list[dict], policy: str | None) -> dict:
+    metrics: dict = {}
+    items = kto_items(kto_rows)
+    if items:
+        r = rewards(model, processor, items, policy)
+        liked = [float(x) for x, it in zip(r, items) if it["label"]]
+        disliked = [float(x) for x, it in zip(r, items) if not it["label"]]
+        metrics["auc"] = auc(liked, disliked)
+        if liked and disliked:
+            metrics["margin"] = sum(liked) / len(liked) - sum(disliked) / len(disliked)
+    if dpo_rows:
+        chosen = [{"prompt": r["prompt"], "images": modelops.load_images(r["images"]),
+                   "completion": r["chosen"][0]["content"][0]["text"]} for r in dpo_rows]
+        rejected = [dict(c, completion=r["rejected"][0]["content"][0]["text"]) for c, r in zip(chosen, dpo_rows)]
+        rc, rr = rewards(model, processor, chosen, policy), rewards(model, processor, rejected, policy)
+        metrics["pair_accuracy"] = float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())
+    return metrics
+
+
+# ---------------------------------------------------------------- regression probe
+
+def demo_probe(per_type: int) -> list[dict]:
+    """Fixed shapes questions (the same images every run) with their examples for grading."""
+    from . import demo_model
+
+    probe = []
+    for example, image in demo_model.held_out_examples(PROBE_SEED, per_type):
+        content = ([{"type": "image", "text": None}] if image is not None else []) + [
+            {"type": "text", "text": example.question}]
+        probe.append({"prompt": [{"role": "user", "content": content}],
+                      "images": [image] if image is not None else [], "example": example})
+    return probe
+
+
+def jsonl_probe(path: str) -> list[dict]:
+    """A user-supplied regression set: one JSON object per line with "prompt" (text), optional "image"
+    (a path, relative to the file) and "expect" (keywords that must all appear in the answer)."""
+    folder = Path(path).parent
+    probe = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        images = [modelops.load_images([str(folder / entry["image"])])[0]] if entry.get("image") else []
+        content = ([{"type": "image", "text": None}] if images else []) + [{"type": "text", "text": entry["prompt"]}]
+        probe.append({"prompt": [{"role": "user", "content": content}], "images": images,
+                      "expect": [k.lower() for k in entry.get("expect", [])]})
+    return probe
+
+
+def probe_accuracy(model, processor, probe: list[dict], policy: str | None) -> float:
+    from . import shapes
+
+    with modelops.adapter(model, policy):
+        answers = modelops.sample_answers(model, processor, probe, 1, temperature=0)
+    correct = 0
+    for item, [reply] in zip(probe, answers):
+        if "example" in item:
+            correct += shapes.grade(item["example"], reply)
+        else:
+            correct += all(k in reply.lower() for k in item["expect"])
+    return correct / max(1, len(probe))
+
+
+def sampled_score(model, processor, prompts: list[dict], policy: str | None, scorer: str, samples: int,
+                  seed: int = 0) -> float:
+    """Mean scorer reward of answers sampled (temperature 1) from `policy` on `prompts`."""
+    with modelops.adapter(model, policy):
+        answers = modelops.sample_answers(model, processor, prompts, samples, temperature=1.0, seed=seed)
+    items = [dict(p, completion=a) for p, group in zip(prompts, answers) for a in group]
+    return float(rewards(model, processor, items, scorer).mean()) if items else 0.0
+
+
+# ---------------------------------------------------------------- the decision
+
+def decide(model, processor, *, candidate: str, live: str | None, held_kto: list[dict], held_dpo: list[dict],
+           probe: list[dict], settings: GateSettings, scorer: str | None = None,
+           style_prompts: list[dict] = (), log=print) -> dict:
+    """Compare adapter `candidate` with `live` (None = the base model); both are loaded in `model`."""
+    result: dict = {"settings": settings.as_dict(), "held_out_kto": len(held_kto), "held_out_dpo": len(held_dpo)}
+    reasons = []
+    if len(held_kto) + len(held_dpo) < settings.min_held_out:
+        reasons.append(f"only {len(held_kto) + len(held_dpo)} held-out rows (need {settings.min_held_out})")
+    log("gate: preference on held-out feedback")
+    cand = preference_metrics(model, processor, held_kto, held_dpo, candidate)
+    live_metrics = preference_metrics(model, processor, held_kto, held_dpo, live)
+    result["candidate"], result["live"] = cand, live_metrics
+    if cand.get("auc") is not None:
+        live_auc = live_metrics.get("auc") if live_metrics.get("auc") is not None else 0.5
+        if cand["auc"] < settings.min_auc:
+            reasons.append(f"held-out AUC {cand['auc']:.2f} < {settings.min_auc}")
+        elif cand["auc"] <= live_auc:
+            reasons.append(f"held-out AUC {cand['auc']:.2f} is not above the live policy's {live_auc:.2f}")
+    if cand.get("pair_accuracy") is not None:
+        live_acc = live_metrics.get("pair_accuracy") if live is not None else 0.5
+        if cand["pair_accuracy"] <= live_acc:
+            reasons.append(f"held-out pair accuracy {cand['pair_accuracy']:.2f} is not above {live_acc:.2f}")
+    if cand.get("auc") is None and cand.get("pair_accuracy") is None:
+        reasons.append("no held-out feedback with both labels to judge preference")
+    if probe:
+        log(f"gate: regression probe ({len(probe)} items)")
+        cand["probe_accuracy"] = probe_accuracy(model, processor, probe, candidate)
+        live_metrics["probe_accuracy"] = probe_accuracy(model, processor, probe, live)
+        drop = live_metrics["probe_accuracy"] - cand["probe_accuracy"]
+        if drop > settings.max_regression + 1e-9:
+            reasons.append(f"regression accuracy {cand['probe_accuracy']:.3f} vs live {live_metrics['probe_accuracy']:.3f}"
+                           f" (drop {drop * 100:.1f} points > {settings.max_regression * 100:.1f})")
+    if scorer and style_prompts:
+        log("gate: sampled answers under the scorer")
+        cand["sampled_score"] = sampled_score(model, processor, style_prompts, candidate, scorer,
+                                              settings.style_samples, seed=1)
+        live_metrics["sampled_score"] = sampled_score(model, processor, style_prompts, live, scorer,
+                                                      settings.style_samples, seed=1)
+        if cand["sampled_score"] <= live_metrics["sampled_score"]:
+            reasons.append(f"sampled answers do not move toward the votes (scorer reward "
+                           f"{cand['sampled_score']:.3f} vs live {live_metrics['sampled_score']:.3f})")
+    result["decision"] = "rejected" if reasons else "promoted"
+    result["reason"] = "; ".join(reasons) if reasons else "better on held-out feedback, no regression"
+    return result
+
+
+def style_prompt_sample(prompts: list[dict], n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return rng.sample(prompts, min(n, len(prompts)))

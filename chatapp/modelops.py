@@ -1,0 +1,124 @@
+"""Batched model operations the trainer and the gate share: sampling answers and scoring them.
+
+Invariants:
+- Prompts are conversational messages (the chat template renders them) with images given
+  separately as PIL images, in placeholder order: the same rows `prefs` builds and TRL trains on.
+- `completion_logps` scores exactly the tokens generation produces after the prompt
+  (`" " + answer + "<end_of_utterance>"`-style: the chat template's rendering of the answer minus
+  the rendered prompt), so a sampled answer and a voted one are scored the same way.
+- Items are batched by their number of images (a processor batch cannot mix), order is kept.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from .images import load_image
+
+
+def load_images(paths: list[str]) -> list:
+    return [load_image(p) for p in paths]
+
+
+def _groups(items: list, batch_size: int):
+    """Index batches of items with the same number of images."""
+    by_count: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        by_count.setdefault(len(item["images"]), []).append(i)
+    for indexes in by_count.values():
+        for start in range(0, len(indexes), batch_size):
+            yield indexes[start:start + batch_size]
+
+
+def _processor_batch(processor, texts: list[str], images: list[list], padding_side: str):
+    tokenizer = processor.tokenizer
+    previous = tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        return processor(text=texts, images=images if images and images[0] else None, return_tensors="pt",
+                         padding=True)
+    finally:
+        tokenizer.padding_side = previous
+
+
+def _answer_message(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+@torch.inference_mode()
+def completion_logps(model, processor, items: list[dict], batch_size: int = 32,
+                     progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Sum of log-probabilities of each item's `completion` text given its `prompt` and `images`
+    (PIL images). Returns a float tensor in item order."""
+    out = torch.zeros(len(items))
+    template = processor.apply_chat_template
+    for batch in _groups(items, batch_size):
+        prompts = [template(items[i]["prompt"], add_generation_prompt=True) for i in batch]
+        fulls = [template(items[i]["prompt"] + [_answer_message(items[i]["completion"])]) for i in batch]
+        images = [items[i]["images"] for i in batch]
+        prompt_inputs = _processor_batch(processor, prompts, images, "right")
+        prompt_lengths = prompt_inputs["attention_mask"].sum(dim=1)
+        inputs = _processor_batch(processor, fulls, images, "right")
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        logits = model(**inputs).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = inputs["input_ids"][:, 1:]
+        token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        positions = torch.arange(targets.shape[1], device=targets.device).unsqueeze(0)
+        # target position p predicts token p+1: completion tokens start at index prompt_length
+        mask = (positions >= (prompt_lengths.to(targets.device).unsqueeze(1) - 1)) & \
+            inputs["attention_mask"][:, 1:].bool()
+        sums = (token_logps * mask).sum(dim=1).cpu()
+        for j, i in enumerate(batch):
+            out[i] = sums[j]
+        if progress:
+            progress(len(batch))
+    return out
+
+
+@torch.inference_mode()
+def sample_answers(model, processor, items: list[dict], n: int, *, temperature: float = 1.0, top_k: int = 0,
+                   max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0,
+                   progress: Callable[[int], None] | None = None) -> list[list[str]]:
+    """`n` sampled answers (temperature 0: one greedy answer repeated) for each item's prompt."""
+    answers: list[list[str]] = [[] for _ in items]
+    tokenizer = processor.tokenizer
+    end_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<end_of_utterance>",) if t in tokenizer.get_vocab()}
+    greedy = temperature == 0
+    repeats = 1 if greedy else n
+    torch.manual_seed(seed)
+    expanded = [i for i in range(len(items)) for _ in range(repeats)]
+    flat = [items[i] for i in expanded]
+    for batch in _groups(flat, batch_size):
+        prompts = [processor.apply_chat_template(flat[j]["prompt"], add_generation_prompt=True) for j in batch]
+        inputs = _processor_batch(processor, prompts, [flat[j]["images"] for j in batch], "left")
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": top_k}
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                   **kwargs)
+        new = generated[:, inputs["input_ids"].shape[1]:]
+        for j, ids in zip(batch, new.tolist()):
+            cut = next((k for k, t in enumerate(ids) if t in end_ids), len(ids))
+            answers[expanded[j]].append(tokenizer.decode(ids[:cut], skip_special_tokens=True).strip())
+        if progress:
+            progress(len(batch))
+    if greedy:
+        answers = [a * n for a in answers]
+    return answers
+
+
+@contextlib.contextmanager
+def adapter(model, name: str | None):
+    """Run with one named adapter of a PeftModel active, or with adapters disabled (name None)."""
+    if name is None:
+        with model.disable_adapter():
+            yield model
+        return
+    previous = model.active_adapter
+    model.set_adapter(name)
+    try:
+        yield model
+    finally:
+        model.set_adapter(previous)

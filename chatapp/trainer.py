@@ -1,0 +1,528 @@
+"""Turn the store's feedback into a LoRA adapter, check it with the gate, publish it in the registry.
+
+    store -> prefs (rows, held-out split, per-user cap) -> TRL -> gate -> registry
+
+Methods (`--method`):
+- `rs` (the default `auto` when there are thumbs): rejection sampling. The votes train a KTO
+  *scorer* (a LoRA whose implicit reward, log p_scorer - log p_base, ranks answers like the voters
+  did); the policy samples `best_of` answers to each unvoted prompt users sent; the best answer by
+  the scorer is kept when its reward is above the midpoint between liked and disliked training
+  answers; a LoRA is trained (TRL SFT) on the kept answers. This moved the demo model's answer style
+  where plain KTO/DPO on the same votes barely moved it or wrecked accuracy (see README).
+- `kto`: TRL KTO on the thumbs; `dpo`: TRL DPO on preferred siblings and comparisons; `sft`: TRL SFT
+  on liked answers.
+Reference model: with `--from base` every method trains a fresh LoRA and TRL's reference is the base
+model with adapters disabled (no second copy). With `--from active` the new LoRA starts from the
+live adapter's weights; for KTO/DPO the reference is then the live adapter (a frozen copy of it).
+
+Invariants:
+- Nothing is published unless the gate promotes it or the caller asks for it; a run that raises is
+  marked failed in the store and publishes nothing.
+- The run's progress (phase, step, total, loss, rewards, ETA) and result are written to the store.
+- Torch threads and the process priority are limited, so a chat served from the same machine stays
+  responsive (default: 1 thread when the machine has 2 cores or fewer).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import prefs
+from .errors import RequestError
+
+METHODS = ("auto", "rs", "kto", "dpo", "sft")
+DEFAULT_LR = {"rs": 2e-3, "kto": 1e-3, "dpo": 1e-3, "sft": 2e-3, "scorer": 1e-3}
+
+
+class NotEnoughFeedback(RequestError):
+    pass
+
+
+@dataclass
+class TrainSettings:
+    method: str = "auto"
+    start_from: str = "active"  # active | base
+    max_steps: int | None = None
+    epochs: int = 4
+    scorer_epochs: int = 10  # a weak scorer (3 epochs) let other styles through (README table)
+    learning_rate: float | None = None
+    batch_size: int = 8
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_mlp: bool = False
+    candidate_modules: str = "q_proj|k_proj|v_proj|o_proj"
+    lr_schedule: str = "linear"  # the candidate's; the scorer uses a constant rate
+    select: str = "mix"  # rs: among answers above the threshold, the best by log p_base + reward_weight * reward
+    reward_weight: float = 0.1  # (likelihood: by log p_scorer; reward: by reward alone) -- README table
+    keep: str = "midpoint"  # rs: keep the best answer when its reward is above the midpoint | liked (the liked mean)
+    beta: float = 0.1
+    best_of: int = 8
+    rs_prompts: int = 1000
+    rs_temperature: float = 0.7  # fewer wrong samples than at 1.0 for the same style shift (README table)
+    max_new_tokens: int = 64
+    min_rows: int = 20
+    min_pairs: int = 20
+    max_user_share: float = prefs.MAX_USER_SHARE
+    held_out_fraction: float = prefs.HELD_OUT_FRACTION
+    max_length: int = 2048
+    seed: int = 0
+    threads: int | None = None
+    quantize: str | None = None  # 4bit = QLoRA, CUDA only
+    publish: str = "gate"  # gate: publish, activate if promoted | always: activate anyway | never
+    regression_set: str | None = None  # JSONL probe for models other than the demo model
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    method: str
+    decision: str
+    reason: str
+    version: str | None
+    metrics: dict = field(default_factory=dict)
+
+
+def limit_resources(threads: int | None) -> int:
+    """Fewer torch threads and a lower priority than the chat; returns the thread count used."""
+    import torch
+
+    if threads is None:
+        threads = 1 if (os.cpu_count() or 1) <= 2 else max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads)
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)
+    return threads
+
+
+# ---------------------------------------------------------------- data
+
+@dataclass
+class Data:
+    kto_train: prefs.Rows
+    kto_held: prefs.Rows
+    dpo_train: prefs.Rows
+    dpo_held: prefs.Rows
+    sft_train: prefs.Rows
+    prompts: list[dict]  # logged prompts for rejection sampling (held-out prompts excluded)
+    held_prompts: list[dict]  # prompts of held-out rated answers (for the gate's sampled check)
+
+    def summary(self) -> dict:
+        return {"kto_train": len(self.kto_train), "kto_held_out": len(self.kto_held),
+                "dpo_train": len(self.dpo_train), "dpo_held_out": len(self.dpo_held),
+                "sft_train": len(self.sft_train), "logged_prompts": len(self.prompts)}
+
+
+def prepare_data(store, settings: TrainSettings) -> Data:
+    kto_train, kto_held = prefs.split(prefs.kto_rows(store), settings.held_out_fraction)
+    dpo_train, dpo_held = prefs.split(prefs.dpo_rows(store), settings.held_out_fraction)
+    sft_train, _ = prefs.split(prefs.sft_rows(store), settings.held_out_fraction)
+    cap = settings.max_user_share
+    kto_train, dpo_train, sft_train = (prefs.cap_per_user(r, cap) for r in (kto_train, dpo_train, sft_train))
+    held_ids = {prefs.rated_id(p) for p in kto_held.provenance + dpo_held.provenance}
+    prompts = prefs.logged_prompts(store, exclude_message_ids=held_ids, limit=settings.rs_prompts)
+    held_prompts = []
+    seen = set()
+    for row in kto_held.rows + dpo_held.rows:
+        key = repr((row["prompt"], row["images"]))
+        if key not in seen:
+            seen.add(key)
+            held_prompts.append({"prompt": row["prompt"], "images": row["images"]})
+    return Data(kto_train, kto_held, dpo_train, dpo_held, sft_train, prompts, held_prompts)
+
+
+def choose_method(settings: TrainSettings, data: Data) -> str:
+    method = settings.method
+    if method not in METHODS:
+        raise RequestError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "auto":
+        labels = {row["label"] for row in data.kto_train.rows}
+        if len(data.kto_train) >= settings.min_rows and labels == {True, False} and data.prompts:
+            method = "rs"
+        elif len(data.dpo_train) >= settings.min_pairs:
+            method = "dpo"
+        else:
+            method = "kto"
+    needed = {"rs": (len(data.kto_train), settings.min_rows, "thumbs"),
+              "kto": (len(data.kto_train), settings.min_rows, "thumbs"),
+              "dpo": (len(data.dpo_train), settings.min_pairs, "preference pairs"),
+              "sft": (len(data.sft_train), settings.min_rows, "liked answers")}[method]
+    have, need, what = needed
+    if have < need:
+        raise NotEnoughFeedback(f"not enough feedback to train ({method}): {have} {what} for training "
+                                f"(after the held-out split and the per-user cap), need at least {need}")
+    if method in ("rs", "kto") and {row["label"] for row in data.kto_train.rows} != {True, False}:
+        raise NotEnoughFeedback(f"{method} needs both thumbs up and thumbs down in the training split")
+    return method
+
+
+def _dataset(rows: list[dict]):
+    import datasets
+
+    dataset = datasets.Dataset.from_list([dict(r) for r in rows])
+    return dataset.cast_column("images", datasets.Sequence(datasets.Image()))
+
+
+# ---------------------------------------------------------------- progress
+
+class Progress:
+    """Writes a run's progress to the store (throttled) and keeps an ETA per phase."""
+
+    def __init__(self, store, run_id: int, log=print):
+        self.store, self.run_id, self.log = store, run_id, log
+        self.phase, self.total, self.started, self.last_write = "", 0, time.monotonic(), 0.0
+
+    def start(self, phase: str, total: int) -> None:
+        self.phase, self.total, self.started = phase, total, time.monotonic()
+        self.log(f"train: {phase} ({total} steps)" if total else f"train: {phase}")
+        self.store.update_run(self.run_id, phase=phase, step=0, total_steps=total, eta_s=None)
+
+    def step(self, step: int, loss: float | None = None, points: dict | None = None, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and not points and now - self.last_write < 0.5:
+            return
+        self.last_write = now
+        elapsed = now - self.started
+        eta = elapsed / step * (self.total - step) if step and self.total else None
+        fields = {"phase": self.phase, "step": step, "total_steps": self.total, "eta_s": eta}
+        if loss is not None:
+            fields["loss"] = loss
+        self.store.update_run(self.run_id, points=points, **fields)
+
+
+def _callback(progress: Progress):
+    from transformers import TrainerCallback
+
+    class StoreProgress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            progress.step(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            points = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and (
+                k == "loss" or k.startswith("rewards/") or k == "kl")}
+            progress.step(state.global_step, loss=logs.get("loss"), points=points or None, force=True)
+
+    return StoreProgress()
+
+
+# ---------------------------------------------------------------- TRL
+
+def _lora(settings: TrainSettings, modules: str = "q_proj|k_proj|v_proj|o_proj"):
+    from peft import LoraConfig
+
+    modules = modules + ("|gate_proj|up_proj|down_proj" if settings.lora_mlp else "")
+    # the language model only: a bare list of names would also hit the vision tower
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
+                      target_modules=rf".*text_model.*\.({modules})", task_type="CAUSAL_LM")
+
+
+def _common_args(settings: TrainSettings, out: str, lr: float, epochs: int) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    args = dict(output_dir=out, per_device_train_batch_size=settings.batch_size, learning_rate=lr,
+                num_train_epochs=epochs, lr_scheduler_type=settings.lr_schedule, warmup_steps=0, report_to=[],
+                logging_steps=1 if settings.max_steps and settings.max_steps <= 20 else 5, save_strategy="no", gradient_checkpointing=False, max_length=settings.max_length,
+                dataloader_num_workers=0, seed=settings.seed, use_cpu=not cuda, bf16=cuda, disable_tqdm=False,
+                remove_unused_columns=False)
+    if settings.max_steps:
+        args["max_steps"] = settings.max_steps
+    return args
+
+
+def _train_trl(kind: str, model, processor, rows: list[dict], settings: TrainSettings, progress: Progress,
+               lr: float, epochs: int, peft_config=None, extra: dict | None = None, schedule: str | None = None):
+    import trl
+
+    config_cls, trainer_cls = {"kto": (trl.KTOConfig, trl.KTOTrainer), "dpo": (trl.DPOConfig, trl.DPOTrainer),
+                               "sft": (trl.SFTConfig, trl.SFTTrainer)}[kind]
+    with tempfile.TemporaryDirectory(prefix="chatapp-train-") as out:
+        args = _common_args(settings, out, lr, epochs)
+        if schedule:
+            args["lr_scheduler_type"] = schedule
+        args.update(extra or {})
+        trainer = trainer_cls(model=model, args=config_cls(**args), train_dataset=_dataset(rows),
+                              processing_class=processor, peft_config=peft_config, callbacks=[_callback(progress)])
+        progress.start(progress.phase, trainer.state.max_steps or _steps(len(rows), settings, epochs))
+        trainer.train()
+        progress.step(trainer.state.global_step, force=True)
+        return trainer.model
+
+
+def _steps(rows: int, settings: TrainSettings, epochs: int) -> int:
+    if settings.max_steps:
+        return settings.max_steps
+    return max(1, -(-rows // settings.batch_size)) * epochs
+
+
+# ---------------------------------------------------------------- the run
+
+def _load_base(model_name: str | None, settings: TrainSettings):
+    from .engine import Engine, load_for_serving
+
+    if settings.quantize:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RequestError("4-bit QLoRA needs CUDA; this machine has none (train in full precision instead)")
+        loaded = Engine.load(model_name or "demo", quantization=settings.quantize)
+        return loaded, None
+    result = load_for_serving(model_name)
+    return result.engine, result.notice
+
+
+@contextlib.contextmanager
+def run_lock(data_dir):
+    """One training run at a time per data dir. An OS file lock: the kernel releases it when the
+    process dies, however it dies, so a crash never leaves it stuck."""
+    import fcntl
+
+    path = Path(data_dir) / ".train.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingBusy("another training run is in progress for this data dir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class TrainingBusy(RequestError):
+    pass
+
+
+class NoCandidate(Exception):
+    """The run ended without a candidate to judge: recorded as rejected, nothing published."""
+
+    def __init__(self, reason: str, metrics: dict):
+        super().__init__(reason)
+        self.metrics = metrics
+
+
+def train(store, registry, model_name: str | None = None, settings: TrainSettings | None = None,
+          log=print) -> RunResult:
+    """One training run, start to finish. Raises NotEnoughFeedback (nothing recorded) when there is
+    too little feedback, TrainingBusy when another run holds the lock; any other failure marks the
+    run failed and re-raises."""
+    with run_lock(store.data_dir):
+        return _train(store, registry, model_name, settings or TrainSettings(), log)
+
+
+def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResult:
+    from . import adapters, gate
+
+    for stale in store.fail_stale_runs():
+        log(f"train: run {stale} had died; marked failed")
+    data = prepare_data(store, settings)
+    method = choose_method(settings, data)
+    live = registry.active()
+    run_id = store.create_run(method, settings.as_dict(), live)
+    progress = Progress(store, run_id, log)
+    try:
+        threads = limit_resources(settings.threads)
+        progress.start("loading the model", 0)
+        engine, notice = _load_base(model_name, settings)
+        if notice:
+            log(f"notice: {notice}")
+        base, processor = engine.model, engine.processor
+        fingerprint = adapters.base_fingerprint(base)
+        live_path = registry.validate(live, fingerprint) if live else None
+        store.update_run(run_id, rows=len(data.kto_train) + len(data.dpo_train),
+                         metrics={"data": data.summary(), "threads": threads})
+        import torch
+
+        torch.manual_seed(settings.seed)
+        lr = settings.learning_rate or DEFAULT_LR[method]
+        scorer = None
+        extra_metrics: dict = {}
+        if method == "rs":
+            model, scorer, extra_metrics = _rejection_sampling(base, processor, data, settings, progress, live_path)
+            candidate = "candidate"
+        else:
+            model = _plain(method, base, processor, data, settings, progress, live_path, lr)
+            candidate = "candidate"
+        if live_path and "live" not in model.peft_config:
+            model.load_adapter(str(live_path), adapter_name="live")
+        model.eval()
+        progress.start("evaluating (gate)", 0)
+        probe = _probe(engine, settings)
+        held_prompts = [{"prompt": p["prompt"], "images": gate.modelops.load_images(p["images"])}
+                        for p in gate.style_prompt_sample(data.held_prompts, gate.GateSettings().style_prompts)]
+        verdict = gate.decide(model, processor, candidate=candidate, live="live" if live_path else None,
+                              held_kto=data.kto_held.rows, held_dpo=data.dpo_held.rows, probe=probe,
+                              settings=gate.GateSettings(), scorer=scorer, style_prompts=held_prompts, log=log)
+        metrics = dict(verdict, data=data.summary(), threads=threads, **extra_metrics)
+        decision, reason = verdict["decision"], verdict["reason"]
+        version = None
+        if settings.publish != "never":  # a rejected candidate is kept too: an admin may still activate it
+            progress.start("publishing", 0)
+            version = _publish(registry, model, candidate, engine, fingerprint, method, settings, data, metrics,
+                               decision, reason, live, activate=decision == "promoted" or settings.publish == "always")
+        store.finish_run(run_id, decision, decision=decision, reason=reason, metrics=metrics,
+                         candidate_version=version, phase="done")
+        log(f"train: {decision} ({reason})" + (f"; published {version}" if version else ""))
+        return RunResult(run_id, method, decision, reason, version, metrics)
+    except NoCandidate as rejected:
+        store.finish_run(run_id, "rejected", decision="rejected", reason=str(rejected), metrics=rejected.metrics,
+                         phase="done")
+        log(f"train: rejected ({rejected})")
+        return RunResult(run_id, method, "rejected", str(rejected), None, rejected.metrics)
+    except BaseException as error:
+        store.finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}"[:2000], phase="failed")
+        raise
+
+
+def _probe(engine, settings: TrainSettings) -> list[dict]:
+    from . import config, gate
+
+    if settings_regression := getattr(settings, "regression_set", None):
+        return gate.jsonl_probe(settings_regression)
+    if engine.model_id == config.DEMO_MODEL_NAME:
+        return gate.demo_probe(gate.GateSettings().probe_per_type)
+    return []
+
+
+def _plain(method, base, processor, data: Data, settings, progress, live_path, lr):
+    from peft import PeftModel
+
+    rows = {"kto": data.kto_train, "dpo": data.dpo_train, "sft": data.sft_train}[method].rows
+    extra = {"beta": settings.beta} if method in ("kto", "dpo") else {}
+    if method == "kto":
+        desirable, undesirable = prefs.kto_weights(data.kto_train)
+        extra.update(desirable_weight=desirable, undesirable_weight=undesirable)
+    progress.phase = f"training ({method})"
+    if live_path and settings.start_from == "active":
+        # TRL looks for peft's default adapter name; it becomes "candidate" after training
+        model = PeftModel.from_pretrained(base, str(live_path), is_trainable=True)
+        model = _train_trl(method, model, processor, rows, settings, progress, lr, settings.epochs, extra=extra)
+        _rename_adapter(model, model.active_adapter, "candidate")
+    else:
+        model = _train_trl(method, base, processor, rows, settings, progress, lr, settings.epochs,
+                           peft_config=_lora(settings), extra=extra)
+        _rename_adapter(model, model.active_adapter, "candidate")
+    return model
+
+
+def _rename_adapter(model, old: str, new: str) -> None:
+    """Copy adapter `old` under the name `new` (peft has no rename) and drop `old`."""
+    if old == new:
+        return
+    with tempfile.TemporaryDirectory(prefix="chatapp-adapter-") as tmp:
+        model.save_pretrained(tmp, selected_adapters=[old])
+        folder = Path(tmp) / old if (Path(tmp) / old).is_dir() else Path(tmp)
+        model.load_adapter(str(folder), adapter_name=new)
+    model.set_adapter(new)
+    model.delete_adapter(old)
+
+
+def _rejection_sampling(base, processor, data: Data, settings: TrainSettings, progress: Progress, live_path):
+    from . import modelops
+
+    # 1. the scorer: KTO on the votes (reference: the base, adapters disabled)
+    progress.phase = "training the scorer (kto)"
+    desirable, undesirable = prefs.kto_weights(data.kto_train)
+    model = _train_trl("kto", base, processor, data.kto_train.rows, settings, progress, DEFAULT_LR["scorer"],
+                       settings.scorer_epochs, peft_config=_lora(settings),
+                       extra={"beta": settings.beta, "desirable_weight": desirable,
+                              "undesirable_weight": undesirable}, schedule="constant")
+    _rename_adapter(model, model.active_adapter, "scorer")
+    model.eval()
+    train_items = [{"prompt": r["prompt"], "images": modelops.load_images(r["images"]),
+                    "completion": r["completion"][0]["content"][0]["text"], "label": r["label"]}
+                   for r in data.kto_train.rows]
+    progress.start("scoring the votes", 0)
+    from .gate import rewards
+
+    train_rewards = rewards(model, processor, train_items, "scorer")
+    liked = train_rewards[[i for i, it in enumerate(train_items) if it["label"]]]
+    disliked = train_rewards[[i for i, it in enumerate(train_items) if not it["label"]]]
+    midpoint = float((liked.mean() + disliked.mean()) / 2)
+    threshold = float(liked.mean()) if settings.keep == "liked" else midpoint
+
+    # 2. best-of-N sampled answers on logged prompts, from the current policy
+    if live_path:
+        model.load_adapter(str(live_path), adapter_name="live")
+    policy = "live" if live_path and settings.start_from == "active" else None
+    prompts = [{"prompt": p["prompt"], "images": modelops.load_images(p["images"])} for p in data.prompts]
+    progress.start(f"sampling {settings.best_of} answers to {len(prompts)} prompts", len(prompts) * settings.best_of)
+    done = [0]
+
+    def advance(n):
+        done[0] += n
+        progress.step(done[0])
+
+    with modelops.adapter(model, policy):
+        samples = modelops.sample_answers(model, processor, prompts, settings.best_of,
+                                          temperature=settings.rs_temperature, max_new_tokens=settings.max_new_tokens,
+                                          seed=settings.seed, progress=advance)
+    flat = [dict(p, completion=a) for p, group in zip(prompts, samples) for a in group if a]
+    owners = [i for i, group in enumerate(samples) for a in group if a]
+    progress.start("scoring the samples", 0)
+    with modelops.adapter(model, "scorer"):
+        scorer_logps = modelops.completion_logps(model, processor, flat)
+    with modelops.adapter(model, None):
+        base_logps = modelops.completion_logps(model, processor, flat)
+    sample_rewards = scorer_logps - base_logps
+    # Among a prompt's answers that clear the threshold, keep the one the base finds likely, nudged by the
+    # reward: the largest reward alone favours rare (often wrong) answers whose base probability is tiny,
+    # the base likelihood alone lets other styles through (measured: README table).
+    best: dict[int, tuple[float, str]] = {}
+    if os.environ.get("CHATAPP_RS_DUMP"):  # experiments: every sample with its scores
+        import json as _json
+        Path(os.environ["CHATAPP_RS_DUMP"]).write_text(_json.dumps({"threshold": threshold, "samples": [
+            [o, it["completion"], r, sl, bl] for o, it, r, sl, bl in zip(owners, flat, sample_rewards.tolist(),
+                                                                        scorer_logps.tolist(), base_logps.tolist())]}))
+    ranks = {"likelihood": scorer_logps, "base": base_logps, "reward": sample_rewards,
+             "mix": base_logps + settings.reward_weight * sample_rewards}[settings.select].tolist()
+    for owner, item, reward, rank in zip(owners, flat, sample_rewards.tolist(), ranks):
+        if reward > threshold and (owner not in best or rank > best[owner][0]):
+            best[owner] = (rank, item["completion"])
+    kept = [{"images": data.prompts[i]["images"], "prompt": data.prompts[i]["prompt"],
+             "completion": [{"role": "assistant", "content": [{"type": "text", "text": text}]}]}
+            for i, (_, text) in sorted(best.items())]
+    metrics = {"rs": {"kept_examples": [k["completion"][0]["content"][0]["text"] for k in kept[:12]],
+                      "midpoint": midpoint, "liked_reward": float(liked.mean()),
+                      "disliked_reward": float(disliked.mean()), "prompts": len(prompts),
+                      "samples": len(flat), "kept": len(kept)}}
+    if len(kept) < settings.batch_size:
+        raise NoCandidate(f"rejection sampling kept only {len(kept)} answers of {len(prompts)} prompts "
+                          f"(the scorer finds too few sampled answers better than the votes' midpoint)", metrics)
+
+    # 3. the candidate: LoRA SFT on the kept answers (fresh, or from the live adapter)
+    if live_path and settings.start_from == "active":
+        model.load_adapter(str(live_path), adapter_name="candidate", is_trainable=True)
+    else:
+        model.add_adapter("candidate", _lora(settings, settings.candidate_modules))
+    model.set_adapter("candidate")
+    model.train()
+    progress.phase = "training the candidate (sft)"
+    _train_trl("sft", model, processor, kept, settings, progress, settings.learning_rate or DEFAULT_LR["rs"],
+               settings.epochs)
+    return model, "scorer", metrics
+
+
+def _publish(registry, model, candidate, engine, fingerprint, method, settings, data: Data, metrics, decision,
+             reason, parent, activate: bool) -> str:
+    feedback_ids = sorted({prefs.rated_id(p) for p in data.kto_train.provenance + data.dpo_train.provenance})
+    with tempfile.TemporaryDirectory(prefix="chatapp-publish-") as tmp:
+        model.save_pretrained(tmp, selected_adapters=[candidate], safe_serialization=True)
+        folder = Path(tmp) / candidate if (Path(tmp) / candidate).is_dir() else Path(tmp)
+        metadata = {"base_model": engine.model_id, "base_fingerprint": fingerprint, "method": method,
+                    "parent": parent, "hyperparameters": settings.as_dict(), "feedback_ids": feedback_ids,
+                    "metrics": metrics, "gate": {"decision": decision, "reason": reason}}
+        version = registry.publish(folder, metadata)
+    if activate:  # an admin's `--publish always` may activate a candidate the gate rejected
+        registry.activate(version, reason=f"gate: {reason}" if decision == "promoted" else "published with --publish always",
+                          base_fingerprint=fingerprint, force=decision != "promoted")
+    return version

@@ -1,0 +1,186 @@
+"""The trainer's plumbing on the demo model: preference data preparation, a short real TRL run
+recorded in the store and published in the registry, answers tagged with the adapter that produced
+them, `ask`/`serve --adapter`, refusals, and kill -9 during training and publishing."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from chatapp import prefs, simulate
+from chatapp.adapters import Registry
+from chatapp.chat import ChatService
+from chatapp.config import validate_generation
+from chatapp.store import Store
+from chatapp.trainer import NotEnoughFeedback, TrainSettings, TrainingBusy, run_lock, train
+from chatapp.users import LOCAL
+from conftest import ROOT, subprocess_env
+
+USERS = [f"user{i}" for i in range(5)]
+QUICK = dict(method="kto", start_from="base", max_steps=4, batch_size=4, min_rows=10)
+
+
+@pytest.fixture(scope="module")
+def voted_dir(tmp_path_factory, demo_engine):
+    """A data dir with 120 sampled shapes chats from 5 users, each voted by the terse-and-correct rule."""
+    data = tmp_path_factory.mktemp("voted")
+    store = Store(data)
+    logged = simulate.log_chats(store, demo_engine.model, demo_engine.processor, 120, seed=3, users=USERS)
+    simulate.vote(store, logged, simulate.style_rule("terse"))
+    return data
+
+
+def copy_dir(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_split_cap_and_weights_are_deterministic(voted_dir):
+    store = Store(voted_dir)
+    rows = prefs.kto_rows(store)
+    train_rows, held = prefs.split(rows)
+    again_train, again_held = prefs.split(prefs.kto_rows(store))
+    assert [p["message_id"] for p in held.provenance] == [p["message_id"] for p in again_held.provenance]
+    assert 0.1 < len(held) / len(rows) < 0.3 and not ({prefs.rated_id(p) for p in held.provenance}
+                                                       & {prefs.rated_id(p) for p in train_rows.provenance})
+    capped = prefs.cap_per_user(train_rows, 0.3)
+    shares = [sum(p["user_id"] == u for p in capped.provenance) / len(capped) for u in
+              {p["user_id"] for p in capped.provenance}]
+    assert max(shares) <= 0.3 + 1e-9
+    ups = sum(r["label"] for r in train_rows.rows)
+    desirable, undesirable = prefs.kto_weights(train_rows)
+    assert desirable * ups == pytest.approx(undesirable * (len(train_rows) - ups))
+    # one user with most of the votes is cut to 30%
+    skewed = prefs.Rows("kto", rows=list(train_rows.rows),
+                        provenance=[dict(p, user_id=1 if i % 4 else p["user_id"]) for i, p in
+                                    enumerate(train_rows.provenance)])
+    capped = prefs.cap_per_user(skewed, 0.3)
+    assert sum(p["user_id"] == 1 for p in capped.provenance) <= 0.3 * len(capped) + 1e-9
+    # held-out answers' prompts never reach rejection sampling
+    held_parents = {store.message(prefs.rated_id(p))["parent_id"] for p in held.provenance}
+    logged = prefs.logged_prompts(store, {prefs.rated_id(p) for p in held.provenance})
+    assert logged and not held_parents & {store.message(p["answer_id"])["parent_id"] for p in logged}
+
+
+def test_too_little_feedback_is_refused_clearly(tmp_path, demo_engine):
+    store = Store(tmp_path)
+    logged = simulate.log_chats(store, demo_engine.model, demo_engine.processor, 6, seed=5, users=USERS)
+    simulate.vote(store, logged, simulate.correctness_rule)
+    with pytest.raises(NotEnoughFeedback, match="not enough feedback"):
+        train(store, Registry.for_data_dir(tmp_path), "demo", TrainSettings(method="kto"))
+    assert store.runs() == []
+    result = subprocess.run([sys.executable, "-m", "chatapp", "train", "--data-dir", str(tmp_path)], cwd=ROOT,
+                            env=subprocess_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: not enough feedback")
+
+
+def test_a_run_is_recorded_published_and_tags_answers(voted_dir, tmp_path, demo_engine):
+    data = copy_dir(voted_dir, tmp_path / "data")
+    store, registry = Store(data), Registry.for_data_dir(data)
+    result = train(store, registry, "demo", TrainSettings(**QUICK, publish="always"), log=lambda m: None)
+    run = store.run(result.run_id)
+    assert run["status"] == result.decision and run["phase"] == "done" and run["candidate_version"] == "v1"
+    assert run["metrics"]["data"]["kto_train"] > 0 and "probe_accuracy" in run["metrics"]["candidate"]
+    points = store.run_points(result.run_id)
+    assert any(p["name"] == "loss" for p in points)
+    meta = registry.show("v1")
+    assert meta["method"] == "kto" and meta["feedback"]["count"] == run["metrics"]["data"]["kto_train"]
+    assert meta["gate"]["decision"] == result.decision and registry.active() == "v1"
+    # the next run starts from the live adapter and records it as the parent
+    second = train(store, registry, "demo", TrainSettings(**dict(QUICK, start_from="active"), publish="always"),
+                   log=lambda m: None)
+    assert second.version == "v2" and registry.show("v2")["parent"] == "v1" and registry.active() == "v2"
+    registry.activate("v1", force=True)
+
+    # the server answers with the active adapter; every answer records the version that produced it
+    from chatapp.__main__ import activate_adapter
+    from chatapp.engine import Engine
+
+    engine = Engine.load("demo")
+    assert activate_adapter(engine, data, None) == "v1"
+    service = ChatService(engine, store)
+    answer = list(service.chat(LOCAL, "", "What can you do?", [], validate_generation(temperature=0)))[-1]
+    assert answer.adapter == "v1" and store.generation(answer.message_id)["adapter_version"] == "v1"
+    engine.use_adapter(None)
+    base = list(service.chat(LOCAL, "", "What can you do?", [], validate_generation(temperature=0)))[-1]
+    assert base.adapter is None and store.generation(base.message_id)["adapter_version"] is None
+    asked = subprocess.run([sys.executable, "-m", "chatapp", "ask", "--data-dir", str(data), "--temperature", "0",
+                            "--adapter", "none", "What can you do?"], cwd=ROOT,
+                           env=subprocess_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120)
+    assert asked.returncode == 0 and "shape" in asked.stdout.lower()
+    wrong = subprocess.run([sys.executable, "-m", "chatapp", "ask", "--data-dir", str(data), "--adapter", "v9", "hi"],
+                           cwd=ROOT, env=subprocess_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode == 2 and "v9" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_one_run_at_a_time(tmp_path):
+    with run_lock(tmp_path):
+        with pytest.raises(TrainingBusy):
+            with run_lock(tmp_path):
+                pass
+    with run_lock(tmp_path):  # released when the holder ends
+        pass
+
+
+TRAIN_CHILD = r"""
+import sys
+from chatapp.adapters import Registry
+from chatapp.store import Store
+from chatapp.trainer import TrainSettings, train
+data = sys.argv[1]
+settings = TrainSettings(method="kto", start_from="base", max_steps=int(sys.argv[2]), batch_size=4, min_rows=10,
+                         publish="always")
+print(train(Store(data), Registry.for_data_dir(data), "demo", settings, log=lambda m: print(m, flush=True)).version,
+      flush=True)
+"""
+
+
+@pytest.mark.parametrize("kill_at", ["training", "after-weights", "before-rename", "after-rename",
+                                     "before-active-replace"])
+def test_kill_9_never_breaks_the_active_adapter(voted_dir, tmp_path, kill_at, demo_engine):
+    from peft import PeftModel
+
+    data = copy_dir(voted_dir, tmp_path / "data")
+    store, registry = Store(data), Registry.for_data_dir(data)
+    first = train(store, registry, "demo", TrainSettings(**QUICK, publish="always"), log=lambda m: None)
+    assert registry.active() == first.version == "v1"
+
+    env = subprocess_env(HF_HUB_OFFLINE="1")
+    steps = 4
+    if kill_at == "training":
+        steps = 400  # killed while TRL is stepping
+    else:
+        env["CHATAPP_CRASH_AT"] = kill_at  # the registry kills its own process at that point
+    child = subprocess.Popen([sys.executable, "-c", TRAIN_CHILD, str(data), str(steps)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if kill_at == "training":
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            run = store.runs()[0]
+            if run["id"] != first.run_id and (run["step"] or 0) >= 2:
+                break
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=180)
+    assert child.returncode == -signal.SIGKILL, child.stdout.read()
+
+    # the active adapter is intact and loadable; the dead run is marked failed at the next start
+    registry = Registry.for_data_dir(data)
+    active = registry.active()
+    assert active == "v1"  # every kill point is before the pointer is replaced
+    from chatapp.adapters import base_fingerprint
+
+    path = registry.validate(active, base_fingerprint(demo_engine.model))
+    PeftModel.from_pretrained(__import__("chatapp.engine", fromlist=["Engine"]).Engine.load("demo").model, str(path))
+    assert all(v.startswith("v") for v in registry.versions())
+    again = train(store, registry, "demo", TrainSettings(**QUICK, publish="always"), log=lambda m: None)
+    runs = {r["id"]: r for r in store.runs()}
+    dead = [r for r in runs.values() if r["id"] not in (first.run_id, again.run_id)]
+    assert len(dead) == 1 and dead[0]["status"] == "failed" and "died" in dead[0]["error"]
+    assert again.version == f"v{len(registry.versions())}" and registry.active() == again.version
