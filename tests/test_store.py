@@ -283,8 +283,10 @@ def run_and_kill(data: Path, run: int, hold_at: int, delay: float) -> tuple[list
         proc.wait(timeout=30)
         reader.join(timeout=30)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
-    committed = [int(words[1]) for words in lines if words[:1] == ["committed"]]
-    open_ids = [int(words[1]) for words in lines if words[:1] == ["open"]]
+    # the kill can cut the last line short ("committed" without its id): only whole lines count
+    whole = [words for words in lines if len(words) == 2 and words[1].isdigit()]
+    committed = [int(words[1]) for words in whole if words[0] == "committed"]
+    open_ids = [int(words[1]) for words in whole if words[0] == "open"]
     return committed, (open_ids[0] if open_ids else None)
 
 
