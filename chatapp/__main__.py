@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, help="learning rate (default per method)")
     train.add_argument("--best-of", type=int, default=8, help="rs: answers sampled per prompt (default 8)")
     train.add_argument("--prompts", type=int, default=1000, help="rs: logged prompts to sample on (default 1000)")
+    train.add_argument("--batch-size", type=int, default=8,
+                       help="rows per step (default 8; use 1-2 for real-size models on a CPU: "
+                            "~3.5 GB of activations per SmolVLM-256M row)")
     train.add_argument("--lora-r", type=int, default=8)
     train.add_argument("--lora-mlp", action="store_true", help="also put LoRA on the MLP projections")
     train.add_argument("--min-rows", type=int, default=20, help="no run below this many training rows")
@@ -184,7 +187,7 @@ def cmd_train(args) -> int:
 
     data = config.data_dir(args.data_dir)
     settings = TrainSettings(method=args.method, start_from=args.start_from, max_steps=args.max_steps,
-                             epochs=args.epochs, learning_rate=args.lr, best_of=args.best_of, rs_prompts=args.prompts,
+                             epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, best_of=args.best_of, rs_prompts=args.prompts,
                              lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_mlp=args.lora_mlp,
                              min_rows=args.min_rows, max_user_share=args.max_user_share, publish=args.publish,
                              regression_set=args.regression_set, quantize=args.quantize, threads=args.threads,

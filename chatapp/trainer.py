@@ -79,6 +79,25 @@ class TrainSettings:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def validate(self) -> "TrainSettings":
+        """Bad settings get a clear error before anything is loaded or recorded."""
+        def check(ok: bool, message: str):
+            if not ok:
+                raise RequestError(message)
+        check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        check(self.start_from in ("active", "base"), f"--from must be active or base, got {self.start_from!r}")
+        check(self.publish in ("gate", "always", "never"), f"publish must be gate, always or never, got {self.publish!r}")
+        check(self.max_steps is None or self.max_steps >= 1, "max steps must be at least 1")
+        for name, low, high in (("epochs", 1, 100), ("batch_size", 1, 256), ("lora_r", 1, 256), ("best_of", 2, 64),
+                                ("rs_prompts", 1, 100_000), ("min_rows", 1, 1_000_000)):
+            value = getattr(self, name)
+            check(low <= value <= high, f"{name.replace('_', ' ')} must be between {low} and {high}, got {value}")
+        check(0 < self.max_user_share <= 1, f"max user share must be in (0, 1], got {self.max_user_share}")
+        check(self.learning_rate is None or 0 < self.learning_rate < 1,
+              f"learning rate must be in (0, 1), got {self.learning_rate}")
+        check(self.threads is None or self.threads >= 1, "threads must be at least 1")
+        return self
+
 
 @dataclass
 class RunResult:
@@ -315,8 +334,9 @@ def train(store, registry, model_name: str | None = None, settings: TrainSetting
     """One training run, start to finish. Raises NotEnoughFeedback (nothing recorded) when there is
     too little feedback, TrainingBusy when another run holds the lock; any other failure marks the
     run failed and re-raises."""
+    settings = (settings or TrainSettings()).validate()
     with run_lock(store.data_dir):
-        return _train(store, registry, model_name, settings or TrainSettings(), log)
+        return _train(store, registry, model_name, settings, log)
 
 
 def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResult:

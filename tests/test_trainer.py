@@ -79,6 +79,22 @@ def test_too_little_feedback_is_refused_clearly(tmp_path, demo_engine):
     assert result.returncode == 2 and result.stderr.strip().startswith("error: not enough feedback")
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(batch_size=0), "batch size must be between 1 and 256"),
+    (dict(method="ppo"), "method must be one of"),
+    (dict(start_from="v3"), "--from must be active or base"),
+    (dict(max_user_share=0), "max user share"),
+    (dict(learning_rate=5.0), "learning rate"),
+])
+def test_bad_settings_are_refused_before_anything_runs(tmp_path, bad, message):
+    from chatapp.errors import RequestError
+
+    store = Store(tmp_path)
+    with pytest.raises(RequestError, match=message):
+        train(store, Registry.for_data_dir(tmp_path), "demo", TrainSettings(**bad))
+    assert store.runs() == []
+
+
 def test_a_run_is_recorded_published_and_tags_answers(voted_dir, tmp_path, demo_engine):
     data = copy_dir(voted_dir, tmp_path / "data")
     store, registry = Store(data), Registry.for_data_dir(data)
