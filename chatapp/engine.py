@@ -11,6 +11,9 @@ Invariants:
 - When a conversation is longer than the context, the oldest turns go first; the system prompt
   and the newest user turn are always kept, and the reply's metadata says how many were dropped.
 - A stop request ends generation within one token (a stopping criterion checked every step).
+- Adapters: each generation answers from one adapter version (or the base), chosen when it
+  starts and recorded in its metadata; `follow()` changes the default for generations that start
+  later without waiting for the one streaming now (hot-swap), and never fails a request.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from .errors import EngineError, ModelLoadError  # noqa: F401 (re-exported)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+MAX_LOADED_ADAPTERS = 8  # LoRA weights kept in memory for A/B and quick switches; the oldest go first
+DEFAULT_ADAPTER = object()  # stream(adapter=...) default: the engine's current version
 
 
 # ---------------------------------------------------------------- messages
@@ -218,6 +223,7 @@ class StreamEvent:
     tokens: int = 0
     done: bool = False
     meta: ReplyMeta | None = None
+    token_times: list = field(default_factory=list)  # perf_counter() at which each new token was produced
 
 
 @dataclass
@@ -301,7 +307,10 @@ class Engine:
         self.model = model
         self.processor = processor
         self.model_id = model_id
-        self.adapter: str | None = None  # the adapter version answers come from; None = the base model
+        self.adapter: str | None = None  # the version answers come from unless a request names one; None = base
+        self.adapter_source = None  # version -> folder, for versions a request names that are not loaded yet
+        self._paths: dict[str, object] = {}
+        self._last_used: dict[str, float] = {}
         self._peft = False  # becomes a PeftModel holding the loaded adapter versions on first use
         self._lock = threading.Lock()
         # Every generate() of this engine runs on this one thread. Two threads running torch ops
@@ -326,30 +335,53 @@ class Engine:
     # ------------------------------------------------------------ adapters
 
     def use_adapter(self, version: str | None, path=None) -> None:
-        """Answer from adapter `version` (loaded from `path` the first time; None = the base model).
-        Takes effect between generations: an answer being streamed finishes on the adapter it started
-        with (the switch waits for the generation lock)."""
+        """Answer from adapter `version` by default (loaded from `path` now; None = the base model).
+        Waits for the generation lock: an answer being streamed finishes on the adapter it started with."""
         with self._lock:
-            self._switch(version, path)
+            if version is not None:
+                self._paths[version] = path if path is not None else self._paths.get(version)
+                self._select(version)
+            self.adapter = version
 
-    def _switch(self, version: str | None, path) -> None:
+    def follow(self, version: str | None, path=None) -> None:
+        """Make `version` the default for answers that start from now on, without waiting: it is
+        loaded (from `path`) by the first generation that uses it. This is the hot-swap."""
+        if version is not None:
+            self._paths[version] = path if path is not None else self._paths.get(version)
+        self.adapter = version
+
+    def _select(self, version: str | None) -> None:
+        """Make peft answer from `version` (None: the base, with the adapters disabled at generation).
+        Called with the generation lock held."""
         if version is None:
-            self.adapter = None
             return
         from peft import PeftModel
 
-        if not self._peft:
+        path = self._paths.get(version)
+        if not self._peft or version not in self.model.peft_config:
+            if path is None and self.adapter_source is not None:
+                path = self._paths[version] = self.adapter_source(version)
             if path is None:
                 raise EngineError(f"adapter {version} is not loaded and no folder was given")
-            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version).eval()
-            self._peft = True
-        elif version not in self.model.peft_config:
-            if path is None:
-                raise EngineError(f"adapter {version} is not loaded and no folder was given")
-            self.model.load_adapter(str(path), adapter_name=version)
-        self.model.set_adapter(version)
-        self.model.eval()
-        self.adapter = version
+            if not self._peft:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version).eval()
+                self._peft = True
+            else:
+                self.model.load_adapter(str(path), adapter_name=version)
+        if self.model.active_adapter != version:
+            self.model.set_adapter(version)
+            self.model.eval()
+        self._last_used[version] = time.monotonic()
+        self._unload_extra(keep={version, self.adapter})
+
+    def _unload_extra(self, keep: set) -> None:
+        """Keep at most MAX_LOADED_ADAPTERS loaded: drop the least recently used (never the one
+        selected or the default)."""
+        loaded = [v for v in self.model.peft_config if v not in keep]
+        excess = len(self.model.peft_config) - MAX_LOADED_ADAPTERS
+        for version in sorted(loaded, key=lambda v: self._last_used.get(v, 0.0))[:max(0, excess)]:
+            self.model.delete_adapter(version)
+            self._last_used.pop(version, None)
 
     def loaded_adapters(self) -> list[str]:
         return sorted(self.model.peft_config) if self._peft else []
@@ -426,13 +458,17 @@ class Engine:
 
     def stream(self, messages: list[dict], params: GenerationParams | None = None, *,
                system_prompt: str | None = None, stop: StopSignal | None = None,
-               generate_overrides: dict | None = None) -> Iterator[StreamEvent]:
+               generate_overrides: dict | None = None, adapter=DEFAULT_ADAPTER) -> Iterator[StreamEvent]:
         """Stream a reply to the conversation. Closing the iterator early stops the generation.
-        `generate_overrides` adds raw `generate()` arguments (benchmarks use it to fix the length)."""
+        `adapter`: the version to answer from (None = the base); by default the engine's current one,
+        read when the generation starts. `generate_overrides` adds raw `generate()` arguments
+        (benchmarks use it to fix the length)."""
         params = params or GenerationParams()
         stop = stop or StopSignal()
         with self._lock:
             started = time.perf_counter()
+            version = self.adapter if adapter is DEFAULT_ADAPTER else adapter
+            self._select(version)
             inputs, dropped, max_new_tokens = self.prepare(messages, params, system_prompt)
             inputs = inputs.to(self.model.device)
             if "pixel_values" in inputs:
@@ -448,7 +484,7 @@ class Engine:
 
                 try:
                     torch.manual_seed(seed)
-                    base_only = self.model.disable_adapter() if self._peft and self.adapter is None \
+                    base_only = self.model.disable_adapter() if self._peft and version is None \
                         else contextlib.nullcontext()
                     with torch.inference_mode(), base_only:
                         self.model.generate(**kwargs)
@@ -473,7 +509,8 @@ class Engine:
                     if not text:  # replies start with a space after "Assistant:"
                         delta = delta.lstrip()
                     text += delta
-                    yield StreamEvent(delta=delta, text=text, tokens=count)
+                    yield StreamEvent(delta=delta, text=text, tokens=count,
+                                      token_times=[t for t, batch in items for _ in batch])
                 completed = True
             finally:
                 if not completed:  # the consumer left early (closed generator): end generation now
@@ -485,7 +522,7 @@ class Engine:
             ended = time.perf_counter()
             decode_s = (last_at - first_at) if first_at and last_at else 0.0
             meta = ReplyMeta(
-                model_id=self.model_id, adapter=self.adapter, params=params.as_dict(), seed=seed,
+                model_id=self.model_id, adapter=version, params=params.as_dict(), seed=seed,
                 prompt_tokens=int(inputs["input_ids"].shape[1]), reply_tokens=count,
                 time_to_first_token_s=(first_at - started) if first_at else None,
                 tokens_per_s=((count - 1) / decode_s) if count > 1 and decode_s > 0 else None,
