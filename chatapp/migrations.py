@@ -99,3 +99,12 @@ def m003_training_runs(db: Database) -> None:
         {"run_id": int, "phase": str, "step": int, "name": str, "value": float, "created_at": str},
         foreign_keys=[("run_id", "training_runs", "id")])
     db["training_points"].create_index(["run_id", "step"])
+
+
+@migrations()
+def m004_live_loop(db: Database) -> None:
+    # "Train now" from the admin tab: the background trainer takes the oldest open request.
+    db["train_requests"].create(
+        {"id": int, "requested_by": str, "created_at": str, "run_id": int, "taken_at": str}, pk="id")
+    # Settings admins change while the app runs (the A/B test), as JSON values by key.
+    db["settings"].create({"key": str, "value": str, "updated_by": str, "updated_at": str}, pk="key")

@@ -417,6 +417,70 @@ class Store:
         return stale
 
 
+    # ------------------------------------------------------------ the live loop
+
+    def labels_since(self, since: str | None) -> int:
+        """Labels (current votes, preferred siblings, decided comparisons) given or changed after `since`."""
+        since = since or ""
+        return (self.one("SELECT count(*) AS n FROM feedback WHERE vote IS NOT NULL AND updated_at > ?", [since])["n"]
+                + self.one("SELECT count(*) AS n FROM preferences WHERE updated_at > ?", [since])["n"]
+                + self.one("SELECT count(*) AS n FROM comparisons WHERE pick IS NOT NULL AND picked_at > ?",
+                           [since])["n"])
+
+    def last_run(self, statuses: tuple = ("promoted", "rejected", "published", "skipped")) -> dict | None:
+        """The newest run with one of `statuses` (by default: those that finished their work)."""
+        marks = ",".join("?" * len(statuses))
+        row = self.one(f"SELECT id FROM training_runs WHERE status IN ({marks}) ORDER BY id DESC LIMIT 1",
+                       list(statuses))
+        return self.run(row["id"]) if row else None
+
+    def running_run(self) -> dict | None:
+        row = self.one("SELECT id FROM training_runs WHERE status = 'running' ORDER BY id DESC LIMIT 1")
+        return self.run(row["id"]) if row else None
+
+    def request_training(self, requested_by: str) -> int:
+        with self.write() as db:
+            open_request = self.one("SELECT id FROM train_requests WHERE run_id IS NULL ORDER BY id LIMIT 1")
+            if open_request:  # one open request is enough
+                return open_request["id"]
+            return db["train_requests"].insert({"requested_by": requested_by, "created_at": now(),
+                                                "run_id": None, "taken_at": None}).last_pk
+
+    def open_training_request(self) -> dict | None:
+        return self.one("SELECT * FROM train_requests WHERE run_id IS NULL ORDER BY id LIMIT 1")
+
+    def take_training_request(self, request_id: int, run_id: int | None) -> None:
+        with self.write() as db:
+            db["train_requests"].update(request_id, {"run_id": run_id or 0, "taken_at": now()})
+
+    def setting(self, key: str, default=None):
+        row = self.one("SELECT value FROM settings WHERE key = ?", [key])
+        return json.loads(row["value"]) if row else default
+
+    def set_setting(self, key: str, value, updated_by: str = "") -> None:
+        with self.write() as db:
+            db["settings"].upsert({"key": key, "value": json.dumps(value), "updated_by": updated_by,
+                                   "updated_at": now()}, pk="key")
+
+    def ab_picks(self, version_a: str | None, version_b: str | None, since: str | None = None) -> list[dict]:
+        """Decided comparisons (picked after `since`) whose two answers came from `version_a` and
+        `version_b` (either side; None = the base): each with `winner` = the version picked, or
+        "tie" / "both_bad"."""
+        rows = self.query(
+            "SELECT c.id, c.pick, ga.adapter_version AS a_version, gb.adapter_version AS b_version, c.picked_at "
+            "FROM comparisons c JOIN generations ga ON ga.message_id = c.a_id "
+            "JOIN generations gb ON gb.message_id = c.b_id WHERE c.pick IS NOT NULL AND c.picked_at >= ? "
+            "ORDER BY c.id", [since or ""])
+        wanted = {version_a, version_b}
+        picks = []
+        for row in rows:
+            if {row["a_version"], row["b_version"]} != wanted or row["a_version"] == row["b_version"]:
+                continue
+            winner = row["a_version"] if row["pick"] == "a" else row["b_version"] if row["pick"] == "b" else row["pick"]
+            picks.append(dict(row, winner=winner))
+        return picks
+
+
 def _process_alive(pid: int | None) -> bool:
     if not pid:
         return False
