@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -23,6 +24,14 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else float32)")
     parser.add_argument("--quantize", choices=["4bit", "8bit"], help="bitsandbytes loading (CUDA only)")
+
+
+def _watch_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-after", type=int, default=50,
+                        help="background trainer: start a run when this many new labels (votes, preferences, "
+                             "compare picks) arrived since the last run (default 50)")
+    parser.add_argument("--train-every", type=float,
+                        help="background trainer: also start a run every this many seconds when there is new feedback")
 
 
 def _adapter_args(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=config.DEFAULT_HOST, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=config.DEFAULT_PORT)
     serve.add_argument("--data-dir", help="database, images and adapters (default: $CHATAPP_DATA_DIR, else ./data)")
+    serve.add_argument("--no-trainer", action="store_true",
+                       help="do not start the background trainer (run `train --watch` elsewhere, or train by hand)")
+    _watch_args(serve)
+    serve.add_argument("--trainer-args", default="",
+                       help="extra `train` options for the background trainer, e.g. \"--max-steps 50 --prompts 300\"")
     _adapter_args(serve)
 
     train = sub.add_parser("train", help="turn the collected feedback into a LoRA adapter (gated, versioned)",
@@ -84,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, help="torch threads (default: 1 on 2 cores or fewer)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--data-dir", help="default: $CHATAPP_DATA_DIR, else ./data")
+    train.add_argument("--watch", action="store_true",
+                       help="keep running: train whenever enough new feedback arrived (what `serve` starts)")
+    _watch_args(train)
+    train.add_argument("--retry-after", type=float, default=300.0,
+                       help="--watch: seconds to wait after a failed run before trying again (default 300)")
+    train.add_argument("--poll", type=float, default=2.0, help="--watch: seconds between looks at the store")
 
     users = sub.add_parser("users", help="manage who may log in (logins are on once a user exists)",
                            description="Manage the users file. Without users the app runs as one local admin "
@@ -192,6 +212,16 @@ def cmd_train(args) -> int:
                              min_rows=args.min_rows, max_user_share=args.max_user_share, publish=args.publish,
                              regression_set=args.regression_set, quantize=args.quantize, threads=args.threads,
                              seed=args.seed)
+    settings.validate()
+    if args.watch:
+        from .watcher import WatchSettings, watch
+
+        watch_settings = WatchSettings(train_after=args.train_after, train_every_s=args.train_every,
+                                       retry_s=args.retry_after, poll_s=args.poll).validate()
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        watch(data, config.requested_model(args.model), settings, watch_settings,
+              log=lambda m: print(m, file=sys.stderr, flush=True))
+        return 0
     result = train(Store(data), Registry.for_data_dir(data), config.requested_model(args.model), settings,
                    log=lambda m: print(m, file=sys.stderr))
     print(json.dumps({"run": result.run_id, "method": result.method, "decision": result.decision,

@@ -13,10 +13,11 @@ Invariants:
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from . import config
+from . import ab, config
 from .config import GenerationParams
 from .errors import AccessDenied, RequestError
 from .images import load_image
@@ -24,6 +25,8 @@ from .store import PICKS, Store
 from .users import User
 
 VOTE_CHOICES = ("up", "down", "none")
+LIVE = object()  # the adapter version the engine answers with when the answer starts
+AB_SETTING = "ab_test"  # {"candidate": version or None, "auto": bool, "min_votes": int, "started_by": name}
 
 
 @dataclass
@@ -82,9 +85,10 @@ def validate_system_prompt(system_prompt) -> str:
 
 
 class ChatService:
-    def __init__(self, engine, store: Store):
+    def __init__(self, engine, store: Store, registry=None):
         self.engine = engine
         self.store = store
+        self.registry = registry  # adapters.Registry; needed by A/B tests and their policy
         self._user_ids: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------ rights
@@ -140,16 +144,17 @@ class ChatService:
     # ------------------------------------------------------------ generating
 
     def _answer(self, user_message: dict, params: GenerationParams, system_prompt: str, kind: str,
-                side: str | None = None) -> Iterator[ChatEvent]:
+                side: str | None = None, adapter=LIVE) -> Iterator[ChatEvent]:
         path = self.store.path_to(user_message["id"])
         if len(path) + 1 > config.MAX_CONVERSATION_MESSAGES:
             raise RequestError(f"this conversation has reached {config.MAX_CONVERSATION_MESSAGES} messages; "
                                f"start a new chat")
         messages = self._engine_messages(path)
         conversation_id = user_message["conversation_id"]
-        adapter = getattr(self.engine, "adapter", None)
+        if adapter is LIVE:  # fixed now: the answer finishes on the version it started with
+            adapter = getattr(self.engine, "adapter", None)
         text, meta, stored = "", None, False
-        stream = self.engine.stream(messages, params, system_prompt=system_prompt or None)
+        stream = self.engine.stream(messages, params, system_prompt=system_prompt or None, adapter=adapter)
         try:
             for event in stream:
                 text = event.text
@@ -239,18 +244,24 @@ class ChatService:
         yield from self._answer(self.store.message(new_id), params, system_prompt, "chat")
 
     def compare(self, user: User, conversation_id, text, image_paths=(), params: GenerationParams | None = None,
-                system_prompt: str = "", params_b: GenerationParams | None = None) -> Iterator[ChatEvent]:
-        """Two answers to one prompt (A, then B; different samples unless both are greedy). The last event
-        carries `meta["comparison_id"]` and both message ids."""
+                system_prompt: str = "", params_b: GenerationParams | None = None,
+                versions: tuple | None = None) -> Iterator[ChatEvent]:
+        """Two answers to one prompt (A, then B). During an A/B test the two sides come from the
+        candidate and the live adapter, in random order (the user does not see which is which until
+        they pick); `versions` names two versions explicitly (admins only). Otherwise both are samples
+        from the live adapter (different samples unless both are greedy). The last event carries
+        `meta["comparison_id"]` and both message ids."""
         params = params or config.validate_generation()
         if params_b is None:
             seed_b = None if params.seed is None else (params.seed + 1) % (config.SEED_MAX + 1)
             params_b = GenerationParams(**{**params.as_dict(), "seed": seed_b})
         system_prompt = validate_system_prompt(system_prompt)
+        sides = self._compare_versions(user, versions)
         user_message = self._new_user_turn(user, conversation_id, text, image_paths, system_prompt)
         finals = {}
-        for side, side_params in (("a", params), ("b", params_b)):
-            for event in self._answer(user_message, side_params, system_prompt, "compare", side=side):
+        for (side, side_params), version in zip((("a", params), ("b", params_b)), sides):
+            for event in self._answer(user_message, side_params, system_prompt, "compare", side=side,
+                                      adapter=version):
                 if event.done:
                     finals[side] = event
                 yield event
@@ -263,6 +274,39 @@ class ChatService:
         last.meta = dict(last.meta, comparison_id=comparison_id, a_message_id=finals["a"].message_id,
                          b_message_id=finals["b"].message_id)
         yield last
+
+    def _compare_versions(self, user: User, versions) -> tuple:
+        """The adapter version of side A and side B (LIVE: whatever answers when the side starts)."""
+        if versions:
+            self.require_admin(user)
+            if len(versions) != 2:
+                raise RequestError("name two versions to compare, e.g. v3 and live")
+            return tuple(self._version_arg(v) for v in versions)
+        test = self.store.setting(AB_SETTING)
+        if not test:
+            return LIVE, LIVE
+        live = getattr(self.engine, "adapter", None)
+        if test["candidate"] == live:  # the candidate went live meanwhile: nothing to test
+            return LIVE, LIVE
+        sides = [test["candidate"], live]
+        random.shuffle(sides)
+        return tuple(sides)
+
+    def _version_arg(self, version):
+        """'live', 'base'/'none' or a published version."""
+        text = str(version or "").strip().lower()
+        if text in ("", "live", "active"):
+            return getattr(self.engine, "adapter", None)
+        if text in ("base", "none"):
+            return None
+        if self.registry is None:
+            raise RequestError("this server has no adapter registry")
+        from .adapters import AdapterError
+
+        try:
+            return self.registry.show(text)["version"]
+        except (AdapterError, KeyError) as error:
+            raise RequestError(str(error)) from None
 
     def _params_of(self, message: dict) -> GenerationParams:
         generation = self.store.generation(message["id"]) if message["role"] == "assistant" else None
@@ -316,7 +360,45 @@ class ChatService:
         chosen = comparison["b_id"] if pick == "b" else comparison["a_id"]
         conversation_id = self.store.message(chosen)["conversation_id"]
         self.store.set_leaf(conversation_id, self._newest_leaf(chosen))
-        return {"comparison_id": comparison_id, "pick": pick, "message_id": chosen}
+        result = {"comparison_id": comparison_id, "pick": pick, "message_id": chosen}
+        sides = [(self.store.generation(comparison[k]) or {}).get("adapter_version") for k in ("a_id", "b_id")]
+        result["versions"] = {"a": sides[0] or "none", "b": sides[1] or "none"}  # revealed after the pick
+        if sides[0] != sides[1]:
+            result["ab"] = self.apply_ab_policy()
+        return result
+
+    # ------------------------------------------------------------ A/B tests
+
+    def ab_status(self) -> dict | None:
+        """The running A/B test: its settings, the candidate's standing against the live version and
+        what the policy would do."""
+        test = self.store.setting(AB_SETTING)
+        if not test:
+            return None
+        live = getattr(self.engine, "adapter", None)
+        if self.registry is not None:
+            live = self.registry.active()
+        picks = self.store.ab_picks(test["candidate"], live, since=test.get("started_at"))
+        result = ab.standing(picks, test["candidate"], live)
+        decision, reason = ab.decide(result, test.get("min_votes", ab.DEFAULT_MIN_VOTES))
+        return dict(test, standing=result.as_dict(), decision=decision, reason=reason)
+
+    def apply_ab_policy(self) -> dict | None:
+        """With the policy on (the test's `auto`), promote a candidate that wins clearly, or end the
+        test keeping the live version when it wins clearly. Returns the status it acted on."""
+        status = self.ab_status()
+        if not status or not status.get("auto") or status["decision"] == "wait" or self.registry is None:
+            return status
+        candidate = status["candidate"]
+        if status["decision"] == "promote":
+            if candidate is None:
+                self.registry.deactivate(reason=f"A/B: {status['reason']}")
+            else:
+                self.registry.activate(candidate, reason=f"A/B: {status['reason']}", force=True)
+        self.store.set_setting(AB_SETTING, None, "A/B policy")
+        self.store.set_setting("ab_test_last", dict(status, ended="promoted" if status["decision"] == "promote"
+                                                    else "kept live"), "A/B policy")
+        return status
 
     # ------------------------------------------------------------ reading
 

@@ -6,9 +6,14 @@ Invariants:
 - The model is loaded once, before the port opens; a model the user named that cannot be loaded
   stops the start with a clear error (status 2), the default model falls back to the demo one
   with a notice on stderr and in the page.
+- Unless `--adapter` pins a version, the server follows the registry's active pointer (`hotswap`),
+  and unless `--no-trainer`, a background trainer runs beside it in its own process (`watcher`),
+  training the same model the server serves.
 """
 from __future__ import annotations
 
+import atexit
+import shlex
 import sys
 
 from . import config
@@ -32,10 +37,30 @@ def serve(args) -> int:
     if loaded.notice:
         print(f"notice: {loaded.notice}", file=sys.stderr)
     from .__main__ import activate_adapter
+    from .adapters import Registry, base_fingerprint
+    from .admin import AdminService
+    from .hotswap import ActiveFollower
+    from .watcher import TrainerSupervisor
 
-    version = activate_adapter(loaded.engine, data, args.adapter)
+    engine = loaded.engine
+    registry = Registry.for_data_dir(data)
+    version = activate_adapter(engine, data, args.adapter)
     print(f"chatapp: answering with adapter {version or 'none (base model)'}", file=sys.stderr)
-    app = build_app(ChatService(loaded.engine, store), users, loaded.notice)
+    follower = None
+    fingerprint = base_fingerprint(engine.base_model())
+    if args.adapter is None:
+        follower = ActiveFollower(engine, registry, fingerprint).start()
+    else:  # pinned: versions an A/B test names still load on demand
+        engine.adapter_source = lambda v: registry.validate(v, fingerprint)
+    supervisor = None
+    if not args.no_trainer:
+        watch_args = ["--train-after", str(args.train_after)]
+        if args.train_every:
+            watch_args += ["--train-every", str(args.train_every)]
+        supervisor = TrainerSupervisor(data, engine.model_id, watch_args + shlex.split(args.trainer_args)).start()
+        atexit.register(supervisor.stop)
+    service = ChatService(engine, store, registry)
+    app = build_app(service, users, loaded.notice, AdminService(service, registry, supervisor, follower))
     logins = "logins on" if users.enabled else "single local user, no login"
     print(f"chatapp: serving {loaded.engine.model_id} on http://{args.host}:{args.port} "
           f"({logins}; data in {data})", file=sys.stderr)

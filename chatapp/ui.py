@@ -291,7 +291,10 @@ class ChatPage:
         user = caller(self.users, request)
         if state.comparison_id is None:
             raise RequestError("there is no comparison to decide")
-        self.service.compare_pick(user, state.comparison_id, choice)
+        result = self.service.compare_pick(user, state.comparison_id, choice)
+        versions = result["versions"]
+        if versions["a"] != versions["b"]:  # an A/B test: say which version each side was
+            gr.Info(f"A was {versions['a']}, B was {versions['b']}. Thanks, your pick counts toward the A/B test.")
         chatbot, new_state, label = self._show(user, state, state.conversation_id)
         new_state.comparison_id = None
         return chatbot, new_state, label, gr.Row(visible=False)
@@ -304,66 +307,76 @@ class ChatPage:
 
     # ------------------------------------------------------------ layout
 
-    def build(self, model_id: str, notice: str | None = None) -> gr.Blocks:
+    def build(self, model_id: str, notice: str | None = None, admin=None) -> gr.Blocks:
+        from . import admin_page
+
         with gr.Blocks(title=TITLE) as app:
             register(self.service, self.users)  # first, so the API gets its names before page events do
+            if admin is not None:
+                admin_page.register(admin, self.users)
             self.state = gr.State(PageState())
             with gr.Sidebar(elem_id="sidebar"):
                 whoami = gr.Markdown(elem_id="whoami")
                 new_chat = gr.Button("New chat", elem_id="new-chat", variant="primary")
                 self.conversations = gr.Radio(label="Your conversations", choices=[], elem_id="conversations")
-            gr.Markdown(f"## {TITLE}\nChat with `{model_id}`: attach an image and ask about it. "
-                        f"Rate answers with the thumbs, regenerate to get another answer, mark the better one.")
-            if notice:
-                gr.Markdown(f"**Notice:** {notice}", elem_id="model-notice")
-            self.chatbot = gr.Chatbot(elem_id="chatbot", height=460, label="Chat", editable="user",
-                                      group_consecutive_messages=False,  # edit does not fire on a group with an image
-                                      feedback_options=(LIKE, DISLIKE))
-            with gr.Row(equal_height=True):
-                previous = gr.Button("◀", elem_id="sibling-previous", size="sm", scale=0, min_width=40)
-                self.sibling_label = gr.Markdown(elem_id="sibling-label")
-                following = gr.Button("▶", elem_id="sibling-next", size="sm", scale=0, min_width=40)
-                prefer = gr.Button("Prefer this answer", elem_id="prefer", size="sm", scale=0)
-                regenerate = gr.Button("Regenerate", elem_id="regenerate", size="sm", scale=0)
-            with gr.Row(visible=False, elem_id="feedback-panel") as feedback_panel:
-                reasons = gr.CheckboxGroup(list(config.FEEDBACK_REASONS), label="Why?", elem_id="reasons", scale=2)
-                comment = gr.Textbox(label="Comment (optional)", max_lines=3, elem_id="comment",
-                                     max_length=config.MAX_COMMENT_CHARS, scale=2)
-                save = gr.Button("Send feedback", elem_id="save-feedback", scale=0)
-            with gr.Column(visible=False, elem_id="compare-panel") as self.compare_panel:
+            with gr.Tab("Chat", elem_id="chat-tab"):
+                gr.Markdown(f"## {TITLE}\nChat with `{model_id}`: attach an image and ask about it. "
+                            f"Rate answers with the thumbs, regenerate to get another answer, mark the better one.")
+                if notice:
+                    gr.Markdown(f"**Notice:** {notice}", elem_id="model-notice")
+                self.chatbot = gr.Chatbot(elem_id="chatbot", height=460, label="Chat", editable="user",
+                                          group_consecutive_messages=False,  # edit does not fire on a group with an image
+                                          feedback_options=(LIKE, DISLIKE))
+                with gr.Row(equal_height=True):
+                    previous = gr.Button("◀", elem_id="sibling-previous", size="sm", scale=0, min_width=40)
+                    self.sibling_label = gr.Markdown(elem_id="sibling-label")
+                    following = gr.Button("▶", elem_id="sibling-next", size="sm", scale=0, min_width=40)
+                    prefer = gr.Button("Prefer this answer", elem_id="prefer", size="sm", scale=0)
+                    regenerate = gr.Button("Regenerate", elem_id="regenerate", size="sm", scale=0)
+                with gr.Row(visible=False, elem_id="feedback-panel") as feedback_panel:
+                    reasons = gr.CheckboxGroup(list(config.FEEDBACK_REASONS), label="Why?", elem_id="reasons", scale=2)
+                    comment = gr.Textbox(label="Comment (optional)", max_lines=3, elem_id="comment",
+                                         max_length=config.MAX_COMMENT_CHARS, scale=2)
+                    save = gr.Button("Send feedback", elem_id="save-feedback", scale=0)
+                with gr.Column(visible=False, elem_id="compare-panel") as self.compare_panel:
+                    with gr.Row():
+                        with gr.Column():
+                            gr.Markdown("**Answer A**")
+                            self.compare_a = gr.Markdown(elem_id="compare-a")
+                        with gr.Column():
+                            gr.Markdown("**Answer B**")
+                            self.compare_b = gr.Markdown(elem_id="compare-b")
+                    with gr.Row(visible=False) as self.compare_buttons:
+                        pick_buttons = {choice: gr.Button(label, elem_id=f"pick-{choice.replace('_', '-')}")
+                                        for choice, label in (("a", "A is better"), ("b", "B is better"),
+                                                              ("tie", "Tie"), ("both_bad", "Both are bad"))}
+                self.textbox = gr.MultimodalTextbox(elem_id="message", file_types=["image"], file_count="multiple",
+                                                    placeholder="Ask about an image…", show_label=False,
+                                                    sources=["upload"])
                 with gr.Row():
-                    with gr.Column():
-                        gr.Markdown("**Answer A**")
-                        self.compare_a = gr.Markdown(elem_id="compare-a")
-                    with gr.Column():
-                        gr.Markdown("**Answer B**")
-                        self.compare_b = gr.Markdown(elem_id="compare-b")
-                with gr.Row(visible=False) as self.compare_buttons:
-                    pick_buttons = {choice: gr.Button(label, elem_id=f"pick-{choice.replace('_', '-')}")
-                                    for choice, label in (("a", "A is better"), ("b", "B is better"),
-                                                          ("tie", "Tie"), ("both_bad", "Both are bad"))}
-            self.textbox = gr.MultimodalTextbox(elem_id="message", file_types=["image"], file_count="multiple",
-                                                placeholder="Ask about an image…", show_label=False,
-                                                sources=["upload"])
-            with gr.Row():
-                stop = gr.Button("Stop", elem_id="stop", variant="stop", scale=0)
-                compare_mode = gr.Checkbox(label="Compare mode: two answers side by side, you pick the better",
-                                           elem_id="compare-mode")
-            self.info = gr.Markdown(elem_id="reply-info")
-            with gr.Accordion("Generation settings", open=False):
-                temperature = gr.Slider(config.TEMPERATURE_MIN, config.TEMPERATURE_MAX,
-                                        value=config.DEFAULT_TEMPERATURE, step=0.05,
-                                        label="Temperature (0 = greedy)", elem_id="temperature")
-                top_k = gr.Slider(config.TOP_K_MIN, 200, value=config.DEFAULT_TOP_K, step=1,
-                                  label="Top-k (0 = off)", elem_id="top-k")
-                top_p = gr.Slider(config.TOP_P_MIN, config.TOP_P_MAX, value=config.DEFAULT_TOP_P, step=0.01,
-                                  label="Top-p (1 = off)", elem_id="top-p")
-                max_new_tokens = gr.Slider(config.MAX_NEW_TOKENS_MIN, 1024, value=config.DEFAULT_MAX_NEW_TOKENS,
-                                           step=1, label="Max new tokens", elem_id="max-new-tokens")
-                seed = gr.Textbox(label=f"Seed (empty = random; {config.SEED_MIN} to {config.SEED_MAX})", value="",
-                                  elem_id="seed", max_lines=1)
-                system_prompt = gr.Textbox(label="System prompt", value=config.DEFAULT_SYSTEM_PROMPT,
-                                           max_length=config.MAX_SYSTEM_PROMPT_CHARS, elem_id="system-prompt")
+                    stop = gr.Button("Stop", elem_id="stop", variant="stop", scale=0)
+                    compare_mode = gr.Checkbox(label="Compare mode: two answers side by side, you pick the better",
+                                               elem_id="compare-mode")
+                self.info = gr.Markdown(elem_id="reply-info")
+                with gr.Accordion("Generation settings", open=False):
+                    temperature = gr.Slider(config.TEMPERATURE_MIN, config.TEMPERATURE_MAX,
+                                            value=config.DEFAULT_TEMPERATURE, step=0.05,
+                                            label="Temperature (0 = greedy)", elem_id="temperature")
+                    top_k = gr.Slider(config.TOP_K_MIN, 200, value=config.DEFAULT_TOP_K, step=1,
+                                      label="Top-k (0 = off)", elem_id="top-k")
+                    top_p = gr.Slider(config.TOP_P_MIN, config.TOP_P_MAX, value=config.DEFAULT_TOP_P, step=0.01,
+                                      label="Top-p (1 = off)", elem_id="top-p")
+                    max_new_tokens = gr.Slider(config.MAX_NEW_TOKENS_MIN, 1024, value=config.DEFAULT_MAX_NEW_TOKENS,
+                                               step=1, label="Max new tokens", elem_id="max-new-tokens")
+                    seed = gr.Textbox(label=f"Seed (empty = random; {config.SEED_MIN} to {config.SEED_MAX})", value="",
+                                      elem_id="seed", max_lines=1)
+                    system_prompt = gr.Textbox(label="System prompt", value=config.DEFAULT_SYSTEM_PROMPT,
+                                               max_length=config.MAX_SYSTEM_PROMPT_CHARS, elem_id="system-prompt")
+            if admin is not None:
+                self.admin_page = admin_page.AdminPage(admin, self.users)
+                self.admin_page.build_tab()
+                app.load(self.admin_page.load, None, [self.admin_page.tab, *self.admin_page.timers],
+                         api_visibility="private")
 
             private = dict(api_visibility="private")
             generate = dict(private, concurrency_limit=config.CHAT_CONCURRENCY, concurrency_id="generate")
@@ -400,5 +413,5 @@ class ChatPage:
         return app
 
 
-def build_app(service: ChatService, users: Users, notice: str | None = None) -> gr.Blocks:
-    return ChatPage(service, users).build(service.engine.model_id, notice)
+def build_app(service: ChatService, users: Users, notice: str | None = None, admin=None) -> gr.Blocks:
+    return ChatPage(service, users).build(service.engine.model_id, notice, admin)

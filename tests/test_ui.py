@@ -86,10 +86,12 @@ def test_render_marks_siblings_votes_and_images():
 
 # ---------------------------------------------------------------- the real app in a browser
 
-def start_server(data, **env):
+def start_server(data, args=("--no-trainer",), **env):
+    """The real app in its own process (by default without the background trainer: the live-loop
+    tests start it with their own options)."""
     port = free_port()
     log = open(data / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--data-dir", str(data)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--data-dir", str(data), *args], cwd=ROOT,
                             env=subprocess_env(HF_HUB_OFFLINE="1", **env), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120

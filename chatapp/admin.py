@@ -1,0 +1,158 @@
+"""Admin actions, shared by the admin tab and the API: training runs and their curves, the adapters
+with activate / rollback, feedback statistics, "Train now", export, and the A/B test.
+
+Invariants:
+- Every public method takes the calling `User` first and refuses non-admins itself
+  (`ChatService.require_admin`); the page hiding the tab is a convenience, not the check.
+- Activation, rollback and deactivation go through the registry (atomic pointer); the serving
+  process follows the pointer (`hotswap`), so there is one path for the gate, admins and the A/B
+  policy alike.
+- Never imports torch or gradio.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import ab
+from .adapters import AdapterError
+from .chat import AB_SETTING, ChatService
+from .errors import RequestError
+from .store import now as store_now
+from .users import User
+from .watcher import TRAINER_SETTING
+
+EXPORT_FORMATS = ("kto", "dpo", "sft")
+
+
+class AdminService:
+    def __init__(self, chat: ChatService, registry, supervisor=None, follower=None):
+        self.chat, self.store, self.registry = chat, chat.store, registry
+        self.supervisor, self.follower = supervisor, follower
+
+    def _admin(self, user: User) -> None:
+        self.chat.require_admin(user)
+
+    # ------------------------------------------------------------ training
+
+    def status(self, user: User) -> dict:
+        """The current (or latest) run with its progress and curve points, and the trainer's state."""
+        self._admin(user)
+        run = self.store.running_run() or (self.store.runs(limit=1) or [None])[0]
+        trainer = self.store.setting(TRAINER_SETTING) or {"state": "not running", "message": "no trainer has reported"}
+        if self.supervisor is None and trainer.get("state") != "not running":
+            trainer = dict(trainer, message=trainer["message"] + " (trainer started outside this server)")
+        elif self.supervisor is not None:
+            trainer = dict(trainer, pid=self.supervisor.pid)
+        return {"run": _run_summary(run) if run else None,
+                "points": self.store.run_points(run["id"]) if run else [],
+                "trainer": trainer, "serving": self.chat.engine.adapter or "base",
+                "follow_error": getattr(self.follower, "last_error", None)}
+
+    def runs(self, user: User, limit: int = 50) -> list[dict]:
+        self._admin(user)
+        return [_run_summary(run) for run in self.store.runs(limit=limit)]
+
+    def train_now(self, user: User) -> dict:
+        self._admin(user)
+        request_id = self.store.request_training(user.name)
+        running = self.store.running_run()
+        note = f"run {running['id']} is in progress; yours starts after it" if running else "the trainer starts it soon"
+        if self.supervisor is None and not self.store.setting(TRAINER_SETTING):
+            note = "no background trainer is running: start one with `python -m chatapp train --watch`"
+        return {"request": request_id, "message": f"training requested: {note}"}
+
+    # ------------------------------------------------------------ adapters
+
+    def adapters(self, user: User) -> list[dict]:
+        self._admin(user)
+        return self.registry.list()
+
+    def activate(self, user: User, version) -> dict:
+        self._admin(user)
+        version = str(version or "").strip()
+        if not version:
+            raise RequestError("choose a version to activate")
+        try:
+            if version.lower() in ("base", "none"):
+                self.registry.deactivate(reason=f"deactivated by {user.name}")
+            else:
+                # an admin may activate a version the gate rejected: that is what the button is for
+                self.registry.activate(version, reason=f"activated by {user.name}", force=True)
+        except AdapterError as error:
+            raise RequestError(str(error)) from None
+        return {"active": self.registry.active() or "base"}
+
+    def rollback(self, user: User) -> dict:
+        self._admin(user)
+        try:
+            self.registry.rollback(reason=f"rolled back by {user.name}")
+        except AdapterError as error:
+            raise RequestError(str(error)) from None
+        return {"active": self.registry.active() or "base"}
+
+    # ------------------------------------------------------------ feedback
+
+    def feedback_stats(self, user: User) -> dict:
+        """Totals, votes by label, by adapter version and by hour."""
+        self._admin(user)
+        stats = self.store.feedback_stats()
+        stats["by_adapter"] = self.store.query(
+            "SELECT coalesce(g.adapter_version, 'base') AS adapter, f.vote, count(*) AS n FROM feedback f "
+            "JOIN generations g ON g.message_id = f.message_id WHERE f.vote IS NOT NULL "
+            "GROUP BY adapter, f.vote ORDER BY adapter, f.vote")
+        stats["over_time"] = self.store.query(
+            "SELECT substr(updated_at, 1, 13) || ':00' AS hour, vote, count(*) AS n FROM feedback "
+            "WHERE vote IS NOT NULL GROUP BY hour, vote ORDER BY hour")
+        return stats
+
+    def export(self, user: User, fmt: str) -> Path:
+        """A zip of the TRL-ready export (`python -m chatapp export`) in a temporary folder."""
+        self._admin(user)
+        if fmt not in EXPORT_FORMATS:
+            raise RequestError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+        from . import export
+
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        folder = Path(tempfile.mkdtemp(prefix="chatapp-export-"))
+        out = folder / f"chatapp-{fmt}-{stamp}"
+        export.export(self.store, fmt, out)
+        return Path(shutil.make_archive(str(out), "zip", out))
+
+    # ------------------------------------------------------------ A/B
+
+    def ab_status(self, user: User) -> dict:
+        self._admin(user)
+        return {"test": self.chat.ab_status(), "last": self.store.setting("ab_test_last")}
+
+    def ab_start(self, user: User, candidate, auto: bool = False, min_votes: int = ab.DEFAULT_MIN_VOTES) -> dict:
+        """Pit `candidate` (a version, or 'base') against the live adapter in every compare request."""
+        self._admin(user)
+        version = self.chat._version_arg(candidate)
+        if version == self.registry.active():
+            raise RequestError(f"{ab.label(version)} is the live version already; choose another to test")
+        if not isinstance(min_votes, int) or not 4 <= min_votes <= 10_000:
+            raise RequestError(f"min votes must be a whole number from 4 to 10000, got {min_votes!r}")
+        self.store.set_setting(AB_SETTING, {"candidate": version, "auto": bool(auto), "min_votes": min_votes,
+                                            "started_by": user.name, "started_at": store_now()},
+                               user.name)
+        return self.ab_status(user)
+
+    def ab_stop(self, user: User) -> dict:
+        self._admin(user)
+        self.store.set_setting(AB_SETTING, None, user.name)
+        return self.ab_status(user)
+
+
+def _run_summary(run: dict) -> dict:
+    metrics = run.get("metrics") or {}
+    candidate, live = metrics.get("candidate") or {}, metrics.get("live") or {}
+    return {"id": run["id"], "status": run["status"], "method": run["method"], "phase": run["phase"],
+            "step": run["step"], "total_steps": run["total_steps"], "loss": run["loss"], "eta_s": run["eta_s"],
+            "rows": run["rows"], "decision": run["decision"], "reason": run["reason"] or run.get("error"),
+            "version": run["candidate_version"], "parent": run["parent_version"], "started_at": run["started_at"],
+            "finished_at": run["finished_at"],
+            "auc": candidate.get("auc"), "live_auc": live.get("auc"), "probe": candidate.get("probe_accuracy"),
+            "live_probe": live.get("probe_accuracy")}

@@ -1,0 +1,215 @@
+"""The background trainer: a loop that watches the store and starts a training run when enough new
+feedback arrived (or on a schedule, or when an admin asks), and the supervisor that keeps that loop
+running beside the web server.
+
+Invariants:
+- The loop runs in its own process (`python -m chatapp train --watch`), never in the web server's:
+  training cannot slow or crash the chat beyond what the OS scheduler allows (the run itself is
+  niced and limited to few torch threads by `trainer.limit_resources`).
+- One run at a time: `trainer.run_lock` (an OS file lock, released by the kernel however the
+  process dies). A run whose process died is marked failed (`Store.fail_stale_runs`), by the
+  supervisor as soon as it notices and by the next loop; it is never published (publishing is the
+  last step of a run and is atomic, see `adapters`), and it is retried after `retry_s`.
+- "New labels" are votes, preferred siblings and compare picks given or changed after the start of
+  the newest run that finished its work (promoted or rejected); so feedback given during a run
+  counts toward the next one, and a failed run does not reset the count.
+- The loop writes its state (idle / training / waiting, and why) to the store's `trainer` setting
+  every poll, so the admin page can say what it is doing; it exits when its parent (the server
+  that started it) goes away.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+DEFAULT_TRAIN_AFTER = 50  # new labels; ~a quarter of the ~200 votes the proof runs use
+DEFAULT_RETRY_S = 300.0
+DEFAULT_POLL_S = 2.0
+TRAINER_SETTING = "trainer"
+TRAINER_LOG = "trainer.log"
+
+
+@dataclass
+class WatchSettings:
+    train_after: int = DEFAULT_TRAIN_AFTER  # start a run when this many new labels arrived
+    train_every_s: float | None = None  # also start one on this schedule when there is any new label
+    retry_s: float = DEFAULT_RETRY_S  # wait this long after a failed run before trying again
+    poll_s: float = DEFAULT_POLL_S
+
+    def validate(self) -> "WatchSettings":
+        from .errors import RequestError
+
+        if self.train_after < 1:
+            raise RequestError(f"--train-after must be at least 1, got {self.train_after}")
+        if self.train_every_s is not None and self.train_every_s < 10:
+            raise RequestError(f"--train-every must be at least 10 seconds, got {self.train_every_s}")
+        if self.retry_s < 0 or self.poll_s <= 0:
+            raise RequestError("--retry-after must be >= 0 and --poll > 0")
+        return self
+
+
+def _age_s(stamp: str | None) -> float:
+    if not stamp:
+        return float("inf")
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(stamp)).total_seconds()
+
+
+def due(store, settings: WatchSettings) -> tuple[str | None, str]:
+    """Why a run should start now ("request", "labels", "schedule") or None, with a readable status."""
+    request = store.open_training_request()
+    last = store.last_run()
+    new = store.labels_since(last["started_at"] if last else None)
+    newest = store.runs(limit=1)
+    failed = newest[0] if newest and newest[0]["status"] == "failed" else None
+    if failed and _age_s(failed.get("finished_at") or failed.get("updated_at")) < settings.retry_s:
+        wait = settings.retry_s - _age_s(failed.get("finished_at") or failed.get("updated_at"))
+        return None, f"run {failed['id']} failed; retrying in {wait:.0f} s ({new} new labels)"
+    if request:
+        return "request", f"training now: asked by {request['requested_by']}"
+    if new >= settings.train_after:
+        return "labels", f"training now: {new} new labels (threshold {settings.train_after})"
+    if settings.train_every_s and new > 0 and _age_s(last["finished_at"] if last else None) >= settings.train_every_s:
+        return "schedule", f"training now: scheduled every {settings.train_every_s:.0f} s ({new} new labels)"
+    return None, f"waiting for feedback: {new} of {settings.train_after} new labels"
+
+
+def watch(data_dir, model_name: str | None, train_settings, settings: WatchSettings, log=print,
+          stop: threading.Event | None = None) -> None:
+    """The loop of `train --watch`: poll, train when due, repeat until `stop` or the parent is gone."""
+    from .adapters import Registry
+    from .store import Store
+    from .trainer import NotEnoughFeedback, TrainingBusy, train
+
+    store, registry = Store(data_dir), Registry.for_data_dir(data_dir)
+    stop = stop or threading.Event()
+    parent = os.getppid()
+    blocked_at: int | None = None  # label count when a run last found too little usable feedback
+
+    def status(state: str, message: str, **extra) -> None:
+        store.set_setting(TRAINER_SETTING, dict(state=state, message=message, pid=os.getpid(),
+                                                at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                                settings=asdict(settings), **extra), "trainer")
+
+    for stale in store.fail_stale_runs():
+        log(f"watch: run {stale} had died; marked failed")
+    log(f"watch: watching {data_dir} (train after {settings.train_after} new labels"
+        + (f" or every {settings.train_every_s:.0f} s" if settings.train_every_s else "") + ")")
+    while not stop.is_set():
+        if os.getppid() != parent:  # the server that started this loop is gone
+            log("watch: parent process ended; stopping")
+            return
+        reason, message = due(store, settings)
+        total = store.labels_since(None)
+        if reason and reason != "request" and blocked_at == total:
+            reason, message = None, "waiting for feedback: the last try found too few usable rows"
+        if reason is None:
+            status("idle", message)
+            stop.wait(settings.poll_s)
+            continue
+        request = store.open_training_request() if reason == "request" else None
+        status("training", message)
+        log(f"watch: {message}")
+        run_id = None
+        try:
+            result = train(store, registry, model_name, train_settings, log=log)
+            run_id = result.run_id
+            blocked_at = None
+            status("idle", f"run {result.run_id}: {result.decision} ({result.reason})")
+        except NotEnoughFeedback as error:
+            blocked_at = total
+            status("idle", f"not enough feedback: {error}")
+            log(f"watch: {error}")
+        except TrainingBusy as error:
+            status("idle", str(error))
+            stop.wait(settings.poll_s)
+        except Exception as error:  # recorded as failed by train(); the loop goes on
+            status("idle", f"the run failed: {type(error).__name__}: {error}")
+            log(f"watch: the run failed: {type(error).__name__}: {error}")
+        finally:
+            if request:
+                store.take_training_request(request["id"], run_id)
+
+
+# ---------------------------------------------------------------- the supervisor (in the server)
+
+def _die_with_parent() -> None:
+    """Linux: the trainer gets SIGTERM when the server process dies, even by kill -9."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere the loop notices its parent is gone at the next poll
+
+
+class TrainerSupervisor:
+    """Starts `python -m chatapp train --watch ...` beside the server and restarts it when it dies
+    (after marking its run failed); stops it when the server stops."""
+
+    def __init__(self, data_dir, model_name: str | None, watch_args: list[str], log=None,
+                 restart_s: float = 2.0):
+        self.data_dir = Path(data_dir)
+        self.command = [sys.executable, "-m", "chatapp", "train", "--watch", "--data-dir", str(self.data_dir),
+                        *(["--model", model_name] if model_name else []), *watch_args]
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+        self.restart_s = restart_s
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "TrainerSupervisor":
+        self._thread = threading.Thread(target=self._run, name="chatapp-trainer-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process and self.process.poll() is None else None
+
+    def _spawn(self) -> subprocess.Popen:
+        log_file = open(self.data_dir / TRAINER_LOG, "ab")
+        self.starts += 1
+        self.log(f"chatapp: background trainer started (log: {self.data_dir / TRAINER_LOG}): "
+                 f"{shlex.join(self.command[1:])}")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        try:
+            return subprocess.Popen(self.command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, preexec_fn=_die_with_parent, cwd=os.getcwd())
+        finally:
+            log_file.close()
+
+    def _run(self) -> None:
+        from .store import Store
+
+        store = Store(self.data_dir)
+        quick_deaths = 0
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            self.process = self._spawn()
+            code = self.process.wait()
+            if self._stopping.is_set():
+                return
+            for stale in store.fail_stale_runs():
+                self.log(f"chatapp: training run {stale} died with the trainer; marked failed")
+            self.log(f"chatapp: the background trainer exited (status {code}); restarting")
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started < 30 else 0
+            # a trainer that keeps dying at start (bad arguments, broken model) is retried ever more slowly
+            self._stopping.wait(min(self.restart_s * (2 ** min(quick_deaths, 5)), 300))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
