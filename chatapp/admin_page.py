@@ -65,7 +65,8 @@ def progress_html(status: dict) -> str:
 
 
 def curves(points: list[dict]) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    """(loss, rewards) frames for the line plots: x = step within the phase, one line per phase and metric."""
+    """(loss, rewards) frames for the line plots: x = step within the phase, one line per phase and
+    metric (series "the scorer (kto): loss"); None where there is no point yet."""
     # typed even when empty: the plot fixes its axis types from the first frame it gets, and an
     # empty frame of object columns would make both axes categorical for good
     frame = pd.DataFrame(points or [], columns=["phase", "step", "name", "value"]).astype(
@@ -79,8 +80,25 @@ def curves(points: list[dict]) -> tuple[pd.DataFrame | None, pd.DataFrame | None
     return (loss if len(loss) else None), (rewards if len(rewards) else None)
 
 
+def plot_updates(frames: tuple, run: dict | None, drawn: tuple) -> tuple[list, tuple]:
+    """What to send to the plots, given what each one has drawn (its run and series, or None).
+    Gradio's plot only swaps the data of a chart it has drawn and keeps its colour domain: a series
+    that appears later (the next phase of a run) got no line (measured in Chromium; a changed title
+    did not help). So a plot whose set of series changed is cleared (None) first, and gets the data
+    at the next refresh, a second later. Returns (values, what each plot has drawn after them)."""
+    values, now = [], []
+    for frame, before in zip(frames, drawn):
+        key = None if frame is None or run is None else (run["id"], tuple(dict.fromkeys(frame["series"])))
+        if key is not None and before is not None and key != before:
+            key, frame = None, None
+        values.append(frame)
+        now.append(key)
+    return values, tuple(now)
+
+
 def _runs_table(runs: list[dict]) -> pd.DataFrame:
-    rows = [dict(r, steps=f"{r['step']}/{r['total_steps']}") for r in runs]
+    # the row keeps the step of its current phase; phases without steps (the gate, publishing) show none
+    rows = [dict(r, steps=f"{r['step']}/{r['total_steps']}" if r["total_steps"] else "") for r in runs]
     return pd.DataFrame([{c: r.get(c) for c in RUN_COLUMNS} for r in rows], columns=RUN_COLUMNS)
 
 
@@ -110,10 +128,13 @@ class AdminPage:
         return gr.Tab(visible=show), gr.Timer(active=show), gr.Timer(active=show)
 
     @as_gradio_errors
-    def refresh_status(self, request: gr.Request):
+    def refresh_status(self, drawn, request: gr.Request):
         status = self.admin.status(self._user(request))
-        loss, rewards = curves(status["points"])
-        return progress_html(status), loss, rewards
+        values, drawn = plot_updates(curves(status["points"]), status["run"], drawn or (None, None))
+        run = status["run"] or {}
+        # changes when a run starts or ends or the served version changes: the tables refresh at once
+        signal = f"{run.get('id')}:{run.get('status')}:{status['serving']}"
+        return progress_html(status), *values, drawn, signal
 
     @as_gradio_errors
     def refresh_tables(self, request: gr.Request):
@@ -239,13 +260,16 @@ class AdminPage:
             status_timer = gr.Timer(STATUS_EVERY_S, active=False)
             tables_timer = gr.Timer(TABLES_EVERY_S, active=False)
 
-        status_outputs = [progress, loss_plot, reward_plot]
+        drawn = gr.State((None, None))  # what each plot shows, per browser tab: see plot_updates()
+        run_signal = gr.State("")
+        status_outputs = [progress, loss_plot, reward_plot, drawn, run_signal]
         table_outputs = [runs, adapters, version, candidate, totals, by_adapter, over_time, ab_text]
         self.tab = tab
-        gr.on([tab.select], self.refresh_status, None, status_outputs, **private)
+        gr.on([tab.select], self.refresh_status, [drawn], status_outputs, **private)
         gr.on([tab.select], self.refresh_tables, None, table_outputs, **private)
-        status_timer.tick(self.refresh_status, None, status_outputs, **private)
+        status_timer.tick(self.refresh_status, [drawn], status_outputs, **private)
         tables_timer.tick(self.refresh_tables, None, table_outputs, **private)
+        run_signal.change(self.refresh_tables, None, table_outputs, **private)
         train_now.click(self.train_now, None, [message], **private)
         activate.click(self.activate, [version], [message], **private).then(
             self.refresh_tables, None, table_outputs, **private)

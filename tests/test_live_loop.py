@@ -177,6 +177,9 @@ def test_page_votes_trigger_a_run_that_goes_live_under_load(live, browser, image
         expect(page.locator("#admin-loss-plot canvas, #admin-loss-plot svg").first).to_be_visible(timeout=30_000)
         page.screenshot(path=str(artifacts / "admin-progress-2.png"), full_page=True)
         expect(run).to_have_attribute("data-status", "promoted", timeout=RUN_TIMEOUT_S * 1000)
+        # the tables follow at once (not at their next 3 s refresh): the new version, active
+        expect(page.locator("#admin-adapters")).to_contain_text("v1", timeout=2_500)
+        expect(page.locator("#admin-runs")).to_contain_text("promoted", timeout=2_500)
         page.screenshot(path=str(artifacts / "admin-promoted.png"), full_page=True)
         swap_at = activation_time(data, "v1")
         time.sleep(4)  # the load keeps going across and after the swap
