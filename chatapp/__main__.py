@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, help="learning rate (default per method)")
     train.add_argument("--best-of", type=int, default=8, help="rs: answers sampled per prompt (default 8)")
     train.add_argument("--prompts", type=int, default=1000, help="rs: logged prompts to sample on (default 1000)")
+    train.add_argument("--rs-rounds", type=int, default=2,
+                       help="rs: rounds of sampling + SFT; each round after the first samples from the "
+                            "previous round's candidate (default 2)")
     train.add_argument("--batch-size", type=int, default=8,
                        help="rows per step (default 8; use 1-2 for real-size models on a CPU: "
                             "~3.5 GB of activations per SmolVLM-256M row)")
@@ -208,6 +211,7 @@ def cmd_train(args) -> int:
     data = config.data_dir(args.data_dir)
     settings = TrainSettings(method=args.method, start_from=args.start_from, max_steps=args.max_steps,
                              epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, best_of=args.best_of, rs_prompts=args.prompts,
+                             rs_rounds=args.rs_rounds,
                              lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_mlp=args.lora_mlp,
                              min_rows=args.min_rows, max_user_share=args.max_user_share, publish=args.publish,
                              regression_set=args.regression_set, quantize=args.quantize, threads=args.threads,

@@ -13,7 +13,7 @@ that is never restarted:
 
 The store starts with 195 chats voted by the "plain style" rule (as users would have voted through
 the API); the page adds the last 5 votes. The trainer runs the default recipe, made smaller
-(150 prompts, best of 4) so that a run takes about a minute on 2 cores.
+(150 prompts, best of 4, one round) so that a run takes about a minute on 2 cores.
 """
 import json
 import os
@@ -31,7 +31,7 @@ from test_ui import BROWSER_ARGS, start_server, stop_server
 
 TRAIN_AFTER = 200
 SEEDED_VOTES = 195
-TRAINER_ARGS = "--prompts 150 --best-of 4 --retry-after 1 --poll 0.5"
+TRAINER_ARGS = "--prompts 150 --best-of 4 --rs-rounds 1 --retry-after 1 --poll 0.5"
 RUN_TIMEOUT_S = 420
 
 
