@@ -28,10 +28,11 @@ USERS = [f"user{i}" for i in range(5)]
 LOGGED, VOTES = 600, 200
 HOT = 2.0  # the "high temperature" of the correctness test: the demo model is right ~60% of the time
 STYLES = os.environ.get("CHATAPP_PROOF_STYLES", "terse").split(",")
-# The style and correctness goals are not met yet (issue 4 stays open; measured figures in the README):
-# the style run loses 2.3 points on the gate's probe and is rejected by the 2-point margin, and the
-# correctness run's held-out AUC is below the gate's bar. They take ~3 minutes each, so CI runs them
-# only when asked: CHATAPP_PROOF=1 pytest tests/test_votes_change_the_model.py
+# The style and correctness goals are not met for every case yet (issue 4 stays open; figures in
+# the README): with two rounds of rejection sampling the terse style passes (0.35 -> 0.92, greedy
+# 0.993 -> 0.980) and plain reaches 0.91 / 0.987 (bench/recipes.py), but chatty stays at 0.83-0.84;
+# the correctness run was last measured below the gate's AUC bar. They take ~3.5 minutes each, so CI
+# runs them only when asked: CHATAPP_PROOF=1 [CHATAPP_PROOF_STYLES=terse,plain,chatty] pytest tests/test_votes_change_the_model.py
 not_met_yet = pytest.mark.skipif(os.environ.get("CHATAPP_PROOF") != "1",
                                  reason="issue 4 goal not met yet; run with CHATAPP_PROOF=1")
 
