@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(models other than the demo model)")
     train.add_argument("--quantize", choices=["4bit"], help="QLoRA (CUDA only)")
     train.add_argument("--threads", type=int, help="torch threads (default: 1 on 2 cores or fewer)")
+    train.add_argument("--priority", choices=["idle", "nice"], default="idle",
+                       help="idle (default): Linux SCHED_IDLE + nice 10, the run only uses CPU the chat leaves; "
+                            "nice: nice 10 only")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--data-dir", help="default: $CHATAPP_DATA_DIR, else ./data")
     train.add_argument("--watch", action="store_true",
@@ -214,7 +217,7 @@ def cmd_train(args) -> int:
                              rs_rounds=args.rs_rounds,
                              lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_mlp=args.lora_mlp,
                              min_rows=args.min_rows, max_user_share=args.max_user_share, publish=args.publish,
-                             regression_set=args.regression_set, quantize=args.quantize, threads=args.threads,
+                             regression_set=args.regression_set, quantize=args.quantize, threads=args.threads, priority=args.priority,
                              seed=args.seed)
     settings.validate()
     if args.watch:

@@ -5,7 +5,7 @@ running beside the web server.
 Invariants:
 - The loop runs in its own process (`python -m chatapp train --watch`), never in the web server's:
   training cannot slow or crash the chat beyond what the OS scheduler allows (the run itself is
-  niced and limited to few torch threads by `trainer.limit_resources`).
+  niced, SCHED_IDLE and limited to few torch threads by `trainer.limit_resources`).
 - One run at a time: `trainer.run_lock` (an OS file lock, released by the kernel however the
   process dies). A run whose process died is marked failed (`Store.fail_stale_runs`), by the
   supervisor as soon as it notices and by the next loop; it is never published (publishing is the

@@ -3,8 +3,9 @@ that is never restarted:
 
 1. votes cast in the page (headless Chromium) reach the trigger threshold; a run starts by itself;
    the admin tab shows the progress bar advancing and the loss plot drawing; the gate promotes;
-   the next answer in the page carries the new version. Meanwhile several `gradio_client` users
-   chat without pause: no request fails and every answer is tagged with a valid version.
+   the next answer in the page carries the new version. Meanwhile three `gradio_client` users
+   chat all along (a second between an answer and their next message): no request fails and
+   every answer is tagged with a valid version.
 2. Rollback from the admin tab reaches the running chat within 2 seconds.
 3. kill -9 of the background trainer mid-run: the server keeps serving, the run is marked failed,
    and the next trigger starts a clean run.
@@ -74,13 +75,16 @@ def client(url):
 
 
 class ChatLoad:
-    """`users` gradio_client users chatting without pause until stopped; records every request."""
+    """`users` gradio_client users chatting until stopped, each sending its next message `think_s`
+    after the last answer (as people do); records every request. Without the pause the three
+    users keep both cores busy and the trainer, which only gets CPU the chat leaves (SCHED_IDLE),
+    took ~7 minutes for a run that takes ~1 minute otherwise."""
 
     QUESTIONS = ["What color is the circle?", "How many shapes are there?", "What shapes do you see?",
                  "Is there a red square?"]
 
-    def __init__(self, url, image, users=3):
-        self.url, self.image, self.users = url, image, users
+    def __init__(self, url, image, users=3, think_s=1.0):
+        self.url, self.image, self.users, self.think_s = url, image, users, think_s
         self.results, self.errors = [], []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._chat, args=(i,), daemon=True) for i in range(users)]
@@ -100,6 +104,7 @@ class ChatLoad:
             except Exception as error:  # every failure is a test failure: keep it to report
                 self.errors.append(f"{type(error).__name__}: {error}")
             n += 1
+            self._stop.wait(self.think_s)
 
     def __enter__(self):
         for thread in self._threads:

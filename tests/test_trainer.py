@@ -85,6 +85,8 @@ def test_too_little_feedback_is_refused_clearly(tmp_path, demo_engine):
     (dict(start_from="v3"), "--from must be active or base"),
     (dict(max_user_share=0), "max user share"),
     (dict(learning_rate=5.0), "learning rate"),
+    (dict(priority="realtime"), "priority must be idle or nice"),
+    (dict(rs_rounds=0), "rs rounds must be between 1 and 5"),
 ])
 def test_bad_settings_are_refused_before_anything_runs(tmp_path, bad, message):
     from chatapp.errors import RequestError
@@ -93,6 +95,22 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path, bad, message):
     with pytest.raises(RequestError, match=message):
         train(store, Registry.for_data_dir(tmp_path), "demo", TrainSettings(**bad))
     assert store.runs() == []
+
+
+@pytest.mark.parametrize("priority, policy", [("idle", "SCHED_IDLE"), ("nice", "SCHED_OTHER")])
+def test_the_training_process_yields_the_cpu_to_the_chat(priority, policy):
+    """limit_resources in a fresh process: 1 thread on this 2-core machine, nice 10, and SCHED_IDLE
+    unless asked for nice only (what bench/contention.py measured)."""
+    code = ("import os, torch; from chatapp.trainer import limit_resources; "
+            f"t = limit_resources(None, {priority!r}); "
+            "print(t, torch.get_num_threads(), os.nice(0), os.sched_getscheduler(0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()
+    threads, torch_threads, nice, sched = map(int, out)
+    expected_threads = 1 if (os.cpu_count() or 1) <= 2 else max(1, (os.cpu_count() or 2) // 2)
+    assert threads == torch_threads == expected_threads
+    assert nice >= 10
+    assert sched == getattr(os, policy)
 
 
 def test_a_run_is_recorded_published_and_tags_answers(voted_dir, tmp_path, demo_engine):
