@@ -36,6 +36,7 @@ RECIPES = {
     "rs2-t05": {"rs_rounds": 2, "rs_temperature": 0.5},
     "rs2-w05": {"rs_rounds": 2, "reward_weight": 0.5},
     "rs2-t05-e8": {"rs_rounds": 2, "rs_temperature": 0.5, "epochs": 8},
+    "rs2-e8": {"rs_rounds": 2, "epochs": 8},
     "rs-reward": {"select": "reward", "scorer_epochs": 3},  # first version: pick by reward, weaker scorer
     "kto": {"method": "kto", "epochs": 3},
     "kto-long": {"method": "kto", "epochs": 20, "learning_rate": 2e-3},
