@@ -28,7 +28,7 @@ import pytest
 from chatapp import shapes, simulate
 from chatapp.adapters import Registry
 from chatapp.store import Store
-from test_ui import BROWSER_ARGS, start_server, stop_server
+from test_ui import start_server, stop_server
 
 TRAIN_AFTER = 200
 SEEDED_VOTES = 195
@@ -48,16 +48,6 @@ def live(tmp_path_factory, demo_engine):
     yield url, data, proc
     stop_server(proc)
     print("\n--- trainer log (tail) ---\n" + "\n".join((data / "trainer.log").read_text().splitlines()[-15:]))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,6 @@ from chatapp.ui import ChatPage, PageState, render
 from chatapp.users import Users
 from conftest import ROOT, free_port, subprocess_env
 
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
 @pytest.fixture
 def image_file(tmp_path):
     scene = shapes.Scene((shapes.Shape("circle", "blue", 20, 24, 10), shapes.Shape("square", "red", 46, 40, 9)))
@@ -121,16 +117,6 @@ def server(tmp_path_factory):
     proc, url = start_server(data)
     yield url, data
     stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_ARGS)
-        yield browser
-        browser.close()
 
 
 def test_serve_prints_the_offline_notice(server):
