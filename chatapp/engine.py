@@ -104,6 +104,17 @@ def _oldest_turn_length(turns: list[dict]) -> int:
 
 # ---------------------------------------------------------------- stopping and streaming
 
+def _seed_sampling(device, seed: int) -> None:
+    """Seed the generator that sampling on `device` draws from. On the CPU only the CPU generator:
+    torch.manual_seed also visits every accelerator backend, ~0.1-0.3 ms of each first token."""
+    import torch
+
+    if device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
 class StopSignal:
     """Set it (from any thread) to end a generation. It remembers how many tokens had been
     produced when it was set, so the one-token promise can be checked."""
@@ -469,21 +480,27 @@ class Engine:
             started = time.perf_counter()
             version = self.adapter if adapter is DEFAULT_ADAPTER else adapter
             self._select(version)
-            inputs, dropped, max_new_tokens = self.prepare(messages, params, system_prompt)
-            inputs = inputs.to(self.model.device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
             seed = params.seed if params.seed is not None else secrets.randbelow(config.SEED_MAX)
             streamer = _TokenQueue(stop)
-            kwargs = dict(inputs, **config.sampling_kwargs(params), streamer=streamer,
-                          stopping_criteria=[stop], pad_token_id=self._pad_id)
-            kwargs["max_new_tokens"] = max_new_tokens
-            kwargs.update(generate_overrides or {})
+            prepared: dict = {}
+
             def run():
+                # The prompt is built on the generation thread too: the processor's tensor ops on the
+                # caller's thread, then generate() on this one, cost ~1 ms of first-token latency on
+                # the demo model (two OpenMP teams taking turns; measured with bench/generation.py).
                 import torch
 
                 try:
-                    torch.manual_seed(seed)
+                    inputs, prepared["dropped"], max_new_tokens = self.prepare(messages, params, system_prompt)
+                    inputs = inputs.to(self.model.device)
+                    if "pixel_values" in inputs:
+                        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+                    prepared["prompt_tokens"] = int(inputs["input_ids"].shape[1])
+                    kwargs = dict(inputs, **config.sampling_kwargs(params), streamer=streamer,
+                                  stopping_criteria=[stop], pad_token_id=self._pad_id)
+                    kwargs["max_new_tokens"] = max_new_tokens
+                    kwargs.update(generate_overrides or {})
+                    _seed_sampling(self.model.device, seed)
                     base_only = self.model.disable_adapter() if self._peft and version is None \
                         else contextlib.nullcontext()
                     with torch.inference_mode(), base_only:
@@ -516,6 +533,8 @@ class Engine:
                 if not completed:  # the consumer left early (closed generator): end generation now
                     stop.set()
                 failure = job.exception()  # waits for generate() to return
+            if isinstance(failure, ParameterError):  # the conversation does not fit: the user's to fix
+                raise failure
             if failure is not None:
                 raise EngineError(f"generation failed: {failure}") from failure
             finish = "stop" if last_id in self._eos_ids else "stopped" if stop.is_set() else "length"
@@ -523,10 +542,10 @@ class Engine:
             decode_s = (last_at - first_at) if first_at and last_at else 0.0
             meta = ReplyMeta(
                 model_id=self.model_id, adapter=version, params=params.as_dict(), seed=seed,
-                prompt_tokens=int(inputs["input_ids"].shape[1]), reply_tokens=count,
+                prompt_tokens=prepared["prompt_tokens"], reply_tokens=count,
                 time_to_first_token_s=(first_at - started) if first_at else None,
                 tokens_per_s=((count - 1) / decode_s) if count > 1 and decode_s > 0 else None,
-                total_s=ended - started, trimmed_messages=dropped, finish_reason=finish,
+                total_s=ended - started, trimmed_messages=prepared["dropped"], finish_reason=finish,
                 stop_requested_at_token=stop.requested_at_token,
             )
         yield StreamEvent(delta="", text=text.rstrip(), tokens=count, done=True, meta=meta)
