@@ -485,9 +485,8 @@ class Engine:
             prepared: dict = {}
 
             def run():
-                # The prompt is built on the generation thread too: the processor's tensor ops on the
-                # caller's thread, then generate() on this one, cost ~1 ms of first-token latency on
-                # the demo model (two OpenMP teams taking turns; measured with bench/generation.py).
+                # The prompt is built here too, so every tensor op of a reply runs on the generation
+                # thread (see generation_thread), as in the plain library call it is benchmarked against.
                 import torch
 
                 try:
