@@ -30,14 +30,17 @@ from chatapp.store import Store  # noqa: E402
 from chatapp.trainer import TrainSettings, train  # noqa: E402
 
 RECIPES = {
-    "rs": {},  # the default (auto) recipe
-    "rs2": {"rs_rounds": 2},  # two rounds: the second samples from the first round's candidate
-    "rs3": {"rs_rounds": 3},
-    "rs2-t05": {"rs_rounds": 2, "rs_temperature": 0.5},
-    "rs2-w05": {"rs_rounds": 2, "reward_weight": 0.5},
+    "rs": {},  # the default (auto) recipe: two rounds, 4-, 8- and 12-epoch candidates, the gate picks
+    "rs-e48": {"rs_extra_epochs": (8,)},  # 4- and 8-epoch candidates only
+    "rs-e48-t05": {"rs_extra_epochs": (8,), "rs_temperature": 0.5},  # the same, sampling at 0.5
+    "rs1": {"rs_rounds": 1, "rs_extra_epochs": ()},  # one round, one 4-epoch candidate (the first default)
+    "rs2": {"rs_rounds": 2, "rs_extra_epochs": ()},  # two rounds: the second samples from the first's candidate
+    "rs3": {"rs_rounds": 3, "rs_extra_epochs": ()},
+    "rs2-t05": {"rs_rounds": 2, "rs_temperature": 0.5, "rs_extra_epochs": ()},
+    "rs2-w05": {"rs_rounds": 2, "reward_weight": 0.5, "rs_extra_epochs": ()},
     "rs2-t05-e8": {"rs_rounds": 2, "rs_temperature": 0.5, "epochs": 8},
     "rs2-e8": {"rs_rounds": 2, "epochs": 8},
-    "rs-reward": {"select": "reward", "scorer_epochs": 3},  # first version: pick by reward, weaker scorer
+    "rs-reward": {"select": "reward", "scorer_epochs": 3, "rs_rounds": 1, "rs_extra_epochs": ()},  # first version: pick by reward, weaker scorer
     "kto": {"method": "kto", "epochs": 3},
     "kto-long": {"method": "kto", "epochs": 20, "learning_rate": 2e-3},
     "sft": {"method": "sft", "epochs": 20, "learning_rate": 2e-3},
@@ -89,6 +92,10 @@ def main() -> None:
         print(f"| {name} | {sampled['style_share'][args.style]:.2f} | {greedy['accuracy']:.3f} | "
               f"{result.decision} | {seconds:.0f} |", flush=True)
         print(json.dumps({"recipe": name, "reason": result.reason}), file=sys.stderr)
+        for candidate, verdict in result.metrics.get("candidates", {}).items():  # every candidate the gate judged
+            figures = {k: round(v, 3) for k, v in verdict["metrics"].items() if isinstance(v, (int, float))}
+            print(f"    {name}: {candidate} ({verdict['epochs']} epochs): {verdict['decision']} {figures}"
+                  + ("  <- chosen" if candidate == result.metrics.get("chosen") else ""), flush=True)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -4,13 +4,16 @@ against the serving process's peak RSS on the same model (goal: <= 1.3x, i.e. no
 the model while training), for the demo model and a random-weight model of SmolVLM-256M's size.
 
     python bench/training.py [--models demo,smolvlm] [--methods kto,sft] [--steps 20] [--repeats 3]
-                             [--smolvlm-methods sft] [--smolvlm-steps 2] [--smolvlm-batch 2]
+                             [--smolvlm-methods sft] [--smolvlm-steps 2] [--smolvlm-batch 1]
+                             [--checkpointing auto|on|off]
 
-Every measurement runs in its own fresh process (`--child ...`), so its peak RSS (VmHWM, read when
-it ends) belongs to that work only:
-- serve: `Engine.load(model)` and short greedy replies to an image question (3 on the demo model,
-  1 on the SmolVLM-sized one), as the chat does. The web server's own imports (gradio) are left
-  out, so this is the smallest serving figure and the ratio the strictest.
+Every measurement runs in its own fresh process, so its peak RSS (VmHWM, read when it ends) belongs
+to that work only:
+- server: the serving process itself, `python -m chatapp serve --no-trainer --model M`, answering
+  image questions through the API (3 on the demo model, 1 on the SmolVLM-sized one). The goal's
+  ratio is taken against it.
+- engine alone (`--child serve`): `Engine.load(model)` and the same replies without the web server
+  (no gradio): the smallest serving figure, printed beside it as the strictest ratio.
 - chatapp: the product's training path: `trainer.limit_resources`, `trainer._load_base` (the
   serving loader), rows from the store by `prefs`, `trainer._train_trl` with a fresh LoRA
   (`trainer._lora`); TRL's reference is the base with the adapter disabled.
@@ -18,6 +21,8 @@ it ends) belongs to that work only:
   (`AutoModelForImageTextToText.from_pretrained(dtype=float32)` + `AutoProcessor`), no chatapp code.
 - imports: the libraries training imports (torch, transformers, peft, trl, datasets) and nothing
   else: the floor under every training figure, which is most of it on the 2.6 MB demo model.
+Both training paths use the product's gradient-checkpointing rule (`--checkpointing auto`: on from
+50 M parameters, so off on the demo model and on on the SmolVLM-sized one) and the same batch.
 Besides the peak, each training path reports its RSS with the trainer built, just before step 1:
 set against the serving process after loading, it shows whether a second copy of the weights was
 made (it would add the weights' size); what comes after it is activations.
@@ -33,10 +38,9 @@ The data: 24 one-question shapes chats from 5 simulated users, answered by the d
 temperature 1. KTO trains on all of them voted by the terse-and-correct rule; SFT on all of them
 voted up (so every batch is full). The SmolVLM-sized model trains on the same rows: its own answers
 would be random tokens, and the prompt (the 64 px image upscaled and split into 16 tiles + 1, 64
-tokens each: ~1140 tokens) is most of the cost anyway. A SmolVLM-sized SFT step of batch 2 runs
-the vision tower over 34 tiles (~1.5 min on 2 cores) and needs ~3.5 GB of activations per row; a
-KTO step costs about 4x that (policy, KL and reference passes), so the default there is SFT, 2
-steps, batch 2 (8-12 minutes in all on 2 shared cores). Timings from a machine shared with other
+tokens each: ~1140 tokens) is most of the cost anyway. Without gradient checkpointing a
+SmolVLM-sized SFT row kept ~3.5 GB of activations; a KTO step costs about 4x an SFT step (policy,
+KL and reference passes), so the default there is SFT, 2 steps of batch 1. Timings from a machine shared with other
 work are noisy (one timed step on the SmolVLM-sized model); RSS is not.
 """
 from __future__ import annotations
@@ -160,7 +164,8 @@ def child_chatapp(args) -> None:
     from chatapp.store import Store
 
     settings = trainer.TrainSettings(method=args.method, start_from="base", max_steps=args.steps, batch_size=args.batch,
-                                     max_length=args.max_length, threads=args.threads)
+                                     max_length=args.max_length, threads=args.threads, grad_accum=args.grad_accum,
+                                     gradient_checkpointing=args.checkpointing)
     threads = trainer.limit_resources(settings.threads)
     engine, _ = trainer._load_base(args.model, settings)
     loaded = rss_mb()
@@ -176,7 +181,8 @@ def child_chatapp(args) -> None:
     model = trainer._train_trl(args.method, engine.model, engine.processor, rows.rows, settings, progress,
                                LR[args.method], settings.epochs, peft_config=trainer._lora(settings), extra=extra)
     _report({**_step_rates(progress.times), "rows": len(rows), "threads": threads,
-             "loaded_rss_mb": loaded, "ready_rss_mb": progress.ready_rss_mb, "adapters": sorted(model.peft_config)})
+             "loaded_rss_mb": loaded, "ready_rss_mb": progress.ready_rss_mb, "adapters": sorted(model.peft_config),
+             "checkpointing": trainer.use_gradient_checkpointing(settings, engine.model)})
 
 
 def child_plain(args) -> None:
@@ -192,6 +198,9 @@ def child_plain(args) -> None:
     processor = AutoProcessor.from_pretrained(args.model)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32)
     loaded = rss_mb()
+    # the product's rule for --gradient-checkpointing auto: on from 50 M parameters
+    checkpointing = (args.checkpointing == "on" or
+                     args.checkpointing == "auto" and sum(p.numel() for p in model.parameters()) >= 50_000_000)
     data = json.loads((Path(args.data) / f"{args.method}.json").read_text())
     dataset = datasets.Dataset.from_list(data["rows"]).cast_column("images", datasets.Sequence(datasets.Image()))
     times: dict[int, tuple[float, float]] = {}
@@ -208,7 +217,9 @@ def child_plain(args) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
         config = config_cls(output_dir=out, per_device_train_batch_size=args.batch, learning_rate=LR[args.method],
                             num_train_epochs=4, lr_scheduler_type="linear", warmup_steps=0, report_to=[],
-                            logging_steps=5, save_strategy="no", gradient_checkpointing=False,
+                            logging_steps=5, save_strategy="no", gradient_checkpointing=checkpointing,
+                            gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+                            gradient_accumulation_steps=args.grad_accum,
                             max_length=args.max_length, dataloader_num_workers=0, seed=0, use_cpu=True, bf16=False,
                             disable_tqdm=False, remove_unused_columns=False, max_steps=args.steps, **data["extra"])
         trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=processor,
@@ -216,7 +227,61 @@ def child_plain(args) -> None:
         ready = rss_mb()
         trainer.train()
     _report({**_step_rates(times), "rows": len(dataset), "threads": args.threads,
-             "loaded_rss_mb": loaded, "ready_rss_mb": ready})
+             "loaded_rss_mb": loaded, "ready_rss_mb": ready, "checkpointing": checkpointing})
+
+
+def measure_server(model: str, replies: int, timeout: float = 900) -> dict:
+    """The real serving process: `python -m chatapp serve --no-trainer` on the model (gradio and all),
+    answering `replies` image questions through the API as the page does; its peak RSS (VmHWM) is
+    read from /proc before it is stopped."""
+    import socket
+    import urllib.request
+
+    from gradio_client import Client, handle_file
+
+    from chatapp import shapes
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    image = folder / "shapes.png"
+    import random
+
+    shapes.render(shapes.random_scene(random.Random(0))).save(image)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    server = subprocess.Popen([sys.executable, "-m", "chatapp", "serve", "--model", model, "--no-trainer",
+                               "--port", str(port), "--data-dir", str(folder / "data")], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the server did not start: {server.stderr.read()[-2000:]}")
+                time.sleep(0.5)
+        loaded = _proc_mb(server.pid, "VmRSS")
+        client = Client(url, verbose=False)
+        for _ in range(replies):
+            client.predict("", "Describe the image.", handle_file(str(image)), 0.0, 50, 1.0, SERVE_TOKENS,
+                           api_name="/chat")
+        return {"peak_rss_mb": _proc_mb(server.pid, "VmHWM"), "loaded_rss_mb": loaded}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _proc_mb(pid: int, field: str) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/{pid}/status")
 
 
 CHILDREN = {"imports": child_imports, "serve": child_serve, "chatapp": child_chatapp, "plain": child_plain}
@@ -226,7 +291,7 @@ CHILDREN = {"imports": child_imports, "serve": child_serve, "chatapp": child_cha
 
 def run_child(kind: str, model: str, *, data: Path | None = None, method: str = "", steps: int = 0,
               batch: int = 4, threads: int = 1, max_length: int = 2048, replies: int = 3,
-              timeout: float = 3600) -> dict:
+              grad_accum: int = 1, checkpointing: str = "auto", timeout: float = 3600) -> dict:
     if kind == "plain":  # the plain path takes a folder ("demo" is the product's name for one)
         from chatapp.engine import resolve_model_path
 
@@ -234,7 +299,8 @@ def run_child(kind: str, model: str, *, data: Path | None = None, method: str = 
     command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--model", model,
                "--threads", str(threads), "--max-length", str(max_length), "--replies", str(replies)]
     if data is not None:
-        command += ["--data", str(data), "--method", method, "--steps", str(steps), "--batch", str(batch)]
+        command += ["--data", str(data), "--method", method, "--steps", str(steps), "--batch", str(batch),
+                    "--grad-accum", str(grad_accum), "--checkpointing", checkpointing]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
@@ -289,10 +355,11 @@ def _combine(runs: list[dict]) -> dict:
 
 def bench_model(name: str, path: str, data: Path, run: dict) -> dict:
     serve = run_child("serve", path, replies=run["replies"])
+    serve["server"] = measure_server(path, run["replies"])
     rows = []
     for i, method in enumerate(run["methods"]):
         common = dict(data=data, method=method, steps=run["steps"], batch=run["batch"], threads=run["threads"],
-                      max_length=run["max_length"])
+                      max_length=run["max_length"], grad_accum=run["grad_accum"], checkpointing=run["checkpointing"])
         runs = {"plain": [], "chatapp": []}
         for repeat in range(run["repeats"]):
             for kind in (("plain", "chatapp") if (i + repeat) % 2 == 0 else ("chatapp", "plain")):
@@ -309,21 +376,28 @@ def print_table(result: dict, imports: dict, run: dict) -> None:
     serve = result["serve"]
     steps = run["steps"]
     timed = f"steps/s over steps 2..{steps}, best of {run['repeats']}" if steps > 1 else "1 step: memory only"
-    print(f"\n{result['model']}: {steps} steps of batch {run['batch']} ({timed}), {run['threads']} thread(s); "
+    server = serve["server"]
+    checkpointing = result["rows"][0]["chatapp"].get("checkpointing")
+    print(f"\n{result['model']}: {steps} steps of batch {run['batch']} x {run['grad_accum']} accumulated ({timed}), "
+          f"{run['threads']} thread(s), gradient checkpointing {'on' if checkpointing else 'off'}; "
           f"weights {serve['param_mb']:.1f} MB (fp32), prompt {serve['prompt_tokens']} tokens")
     print("| method | steps/s plain | steps/s chatapp | ratio | ratio per CPU s | peak RSS plain MB "
-          "| peak RSS train MB | peak RSS serve MB | train/serve (goal <= 1.3) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| peak RSS train MB | peak RSS server MB | train/server (goal <= 1.3) | peak RSS engine alone MB "
+          "| train/engine alone |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in result["rows"]:
         plain, chat = row["plain"], row["chatapp"]
         ratio, cpu_ratio = ((f"{chat[k] / plain[k]:.3f}" if chat[k] and plain[k] else "-")
                             for k in ("steps_per_s", "steps_per_cpu_s"))
         print(f"| {row['method']} | {_rate(plain['steps_per_s'])} | {_rate(chat['steps_per_s'])} | {ratio} | "
               f"{cpu_ratio} | "
-              f"{plain['peak_rss_mb']:.0f} | {chat['peak_rss_mb']:.0f} | {serve['peak_rss_mb']:.0f} | "
+              f"{plain['peak_rss_mb']:.0f} | {chat['peak_rss_mb']:.0f} | {server['peak_rss_mb']:.0f} | "
+              f"{chat['peak_rss_mb'] / server['peak_rss_mb']:.2f} | {serve['peak_rss_mb']:.0f} | "
               f"{chat['peak_rss_mb'] / serve['peak_rss_mb']:.2f} |")
-    print(f"serve: RSS {serve['loaded_rss_mb']:.0f} MB after loading, peak {serve['peak_rss_mb']:.0f} MB "
-          f"({run['replies']} replies); the libraries training imports, alone: {imports['peak_rss_mb']:.0f} MB")
+    print(f"server (python -m chatapp serve --no-trainer): RSS {server['loaded_rss_mb']:.0f} MB when up, peak "
+          f"{server['peak_rss_mb']:.0f} MB ({run['replies']} API replies); engine alone: RSS "
+          f"{serve['loaded_rss_mb']:.0f} MB after loading, peak {serve['peak_rss_mb']:.0f} MB; "
+          f"the libraries training imports, alone: {imports['peak_rss_mb']:.0f} MB")
     for row in result["rows"]:
         plain, chat = row["plain"], row["chatapp"]
         print(f"{row['method']}: RSS with the trainer built, before step 1: chatapp {chat['ready_rss_mb']:.0f} MB, "
@@ -351,10 +425,17 @@ def main() -> None:
                              "reference passes, each through the vision tower)")
     parser.add_argument("--smolvlm-steps", type=int, default=2, help="training steps on the SmolVLM-sized model "
                         "(1: memory only)")
-    parser.add_argument("--smolvlm-batch", type=int, default=2)
+    parser.add_argument("--smolvlm-batch", type=int, default=1)
+    parser.add_argument("--smolvlm-grad-accum", type=int, default=1,
+                        help="batches per optimizer step on the SmolVLM-sized model (default 1; accumulating "
+                             "trains on more rows per step for the same memory)")
     parser.add_argument("--smolvlm-repeats", type=int, default=1)
     parser.add_argument("--smolvlm-threads", type=int, default=os.cpu_count() or 1,
                         help="default: all cores (an SFT step of batch 2 takes ~1.5 min on 2 cores)")
+    parser.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
+                        help="gradient checkpointing for both paths (default auto, the product's rule: on from "
+                             "50 M parameters, i.e. off on the demo model and on on the SmolVLM-sized one)")
+    parser.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--max-length", type=int, default=2048, help="TRL max_length (SmolVLM prompts: ~1150 tokens)")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -371,10 +452,12 @@ def main() -> None:
         cores = os.cpu_count() or 1
         args.threads = 1 if cores <= 2 else max(1, cores // 2)  # trainer.limit_resources' default
     runs = {"demo": dict(methods=args.methods.split(","), steps=args.steps, batch=args.batch, repeats=args.repeats,
-                         threads=args.threads, replies=3, max_length=args.max_length),
+                         threads=args.threads, replies=3, max_length=args.max_length, grad_accum=1,
+                         checkpointing=args.checkpointing),
             "smolvlm": dict(methods=args.smolvlm_methods.split(","), steps=args.smolvlm_steps, batch=args.smolvlm_batch,
                             repeats=args.smolvlm_repeats, threads=args.smolvlm_threads, replies=1,
-                            max_length=args.max_length)}
+                            max_length=args.max_length, grad_accum=args.smolvlm_grad_accum,
+                            checkpointing=args.checkpointing)}
     started = time.perf_counter()
     paths = {"demo": "demo"}
     if "smolvlm" in args.models:
@@ -391,7 +474,7 @@ def main() -> None:
             print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"\ngoal: train/serve peak RSS <= 1.3 (no second copy of the model); steps/s ratio ~1. "
+    print(f"\ngoal: train/server peak RSS <= 1.3 (no second copy of the model); steps/s ratio ~1. "
           f"Timings are noisy on a shared machine. total {time.perf_counter() - started:.0f} s")
 
 

@@ -79,16 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--from", dest="start_from", choices=["active", "base"], default="active",
                        help="start from the live adapter (default) or from the base model")
     train.add_argument("--max-steps", type=int, help="cap the optimizer steps of each training phase")
-    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--epochs", type=int, default=4, help="epochs of each training phase (default 4)")
     train.add_argument("--lr", type=float, help="learning rate (default per method)")
     train.add_argument("--best-of", type=int, default=8, help="rs: answers sampled per prompt (default 8)")
     train.add_argument("--prompts", type=int, default=1000, help="rs: logged prompts to sample on (default 1000)")
     train.add_argument("--rs-rounds", type=int, default=2,
                        help="rs: rounds of sampling + SFT; each round after the first samples from the "
                             "previous round's candidate (default 2)")
+    train.add_argument("--rs-extra-epochs", type=_epoch_list, default=(8, 12), metavar="N[,N]",
+                       help="rs: the last round also trains candidates for these epoch counts on the same answers; "
+                            "the gate publishes the best that passes (default 8,12; 'none' for one candidate)")
     train.add_argument("--batch-size", type=int, default=8,
                        help="rows per step (default 8; use 1-2 for real-size models on a CPU: "
                             "~3.5 GB of activations per SmolVLM-256M row)")
+    train.add_argument("--grad-accum", type=int, default=1,
+                       help="batches per optimizer step (default 1): --batch-size 1 --grad-accum 8 trains like "
+                            "a batch of 8 with one row's memory")
+    train.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
+                       help="recompute activations in the backward pass to save memory (default auto: on for "
+                            "models of 50 M parameters or more)")
     train.add_argument("--lora-r", type=int, default=8)
     train.add_argument("--lora-mlp", action="store_true", help="also put LoRA on the MLP projections")
     train.add_argument("--min-rows", type=int, default=20, help="no run below this many training rows")
@@ -206,6 +215,15 @@ def cmd_users(args) -> int:
     return 0
 
 
+def _epoch_list(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected epoch counts like 8 or 6,8 (or none), got {text!r}") from None
+
+
 def cmd_train(args) -> int:
     from .adapters import Registry
     from .store import Store
@@ -213,8 +231,9 @@ def cmd_train(args) -> int:
 
     data = config.data_dir(args.data_dir)
     settings = TrainSettings(method=args.method, start_from=args.start_from, max_steps=args.max_steps,
-                             epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, best_of=args.best_of, rs_prompts=args.prompts,
-                             rs_rounds=args.rs_rounds,
+                             epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                             gradient_checkpointing=args.gradient_checkpointing, learning_rate=args.lr, best_of=args.best_of, rs_prompts=args.prompts,
+                             rs_rounds=args.rs_rounds, rs_extra_epochs=args.rs_extra_epochs,
                              lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_mlp=args.lora_mlp,
                              min_rows=args.min_rows, max_user_share=args.max_user_share, publish=args.publish,
                              regression_set=args.regression_set, quantize=args.quantize, threads=args.threads, priority=args.priority,

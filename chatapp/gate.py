@@ -144,17 +144,37 @@ def sampled_score(model, processor, prompts: list[dict], policy: str | None, sco
 
 # ---------------------------------------------------------------- the decision
 
+def measure(model, processor, policy: str | None, *, held_kto: list[dict], held_dpo: list[dict],
+            probe: list[dict], settings: GateSettings, scorer: str | None = None,
+            style_prompts: list[dict] = ()) -> dict:
+    """Every number the gate judges one policy by (an adapter name; None = the base model)."""
+    metrics = preference_metrics(model, processor, held_kto, held_dpo, policy)
+    if probe:
+        metrics["probe_accuracy"] = probe_accuracy(model, processor, probe, policy)
+    if scorer and style_prompts:
+        metrics["sampled_score"] = sampled_score(model, processor, style_prompts, policy, scorer,
+                                                 settings.style_samples, seed=1)
+    return metrics
+
+
 def decide(model, processor, *, candidate: str, live: str | None, held_kto: list[dict], held_dpo: list[dict],
            probe: list[dict], settings: GateSettings, scorer: str | None = None,
-           style_prompts: list[dict] = (), log=print) -> dict:
-    """Compare adapter `candidate` with `live` (None = the base model); both are loaded in `model`."""
+           style_prompts: list[dict] = (), live_metrics: dict | None = None, log=print) -> dict:
+    """Compare adapter `candidate` with `live` (None = the base model); both are loaded in `model`.
+    `live_metrics`: the live policy's figures from an earlier call on the same data (not measured again)."""
     result: dict = {"settings": settings.as_dict(), "held_out_kto": len(held_kto), "held_out_dpo": len(held_dpo)}
     reasons = []
     if len(held_kto) + len(held_dpo) < settings.min_held_out:
         reasons.append(f"only {len(held_kto) + len(held_dpo)} held-out rows (need {settings.min_held_out})")
-    log("gate: preference on held-out feedback")
-    cand = preference_metrics(model, processor, held_kto, held_dpo, candidate)
-    live_metrics = preference_metrics(model, processor, held_kto, held_dpo, live)
+    common = dict(held_kto=held_kto, held_dpo=held_dpo, probe=probe, settings=settings, scorer=scorer,
+                  style_prompts=style_prompts)
+    log(f"gate: {candidate} on held-out feedback ({len(held_kto) + len(held_dpo)} rows), the regression probe "
+        f"({len(probe)} items) and sampled answers")
+    cand = measure(model, processor, candidate, **common)
+    if live_metrics is None:
+        log("gate: the live policy, on the same")
+        live_metrics = measure(model, processor, live, **common)
+    live_metrics = dict(live_metrics)
     result["candidate"], result["live"] = cand, live_metrics
     if cand.get("auc") is not None:
         live_auc = live_metrics.get("auc") if live_metrics.get("auc") is not None else 0.5
@@ -168,26 +188,33 @@ def decide(model, processor, *, candidate: str, live: str | None, held_kto: list
             reasons.append(f"held-out pair accuracy {cand['pair_accuracy']:.2f} is not above {live_acc:.2f}")
     if cand.get("auc") is None and cand.get("pair_accuracy") is None:
         reasons.append("no held-out feedback with both labels to judge preference")
-    if probe:
-        log(f"gate: regression probe ({len(probe)} items)")
-        cand["probe_accuracy"] = probe_accuracy(model, processor, probe, candidate)
-        live_metrics["probe_accuracy"] = probe_accuracy(model, processor, probe, live)
+    if "probe_accuracy" in cand:
         drop = live_metrics["probe_accuracy"] - cand["probe_accuracy"]
         if drop > settings.max_regression + 1e-9:
             reasons.append(f"regression accuracy {cand['probe_accuracy']:.3f} vs live {live_metrics['probe_accuracy']:.3f}"
                            f" (drop {drop * 100:.1f} points > {settings.max_regression * 100:.1f})")
-    if scorer and style_prompts:
-        log("gate: sampled answers under the scorer")
-        cand["sampled_score"] = sampled_score(model, processor, style_prompts, candidate, scorer,
-                                              settings.style_samples, seed=1)
-        live_metrics["sampled_score"] = sampled_score(model, processor, style_prompts, live, scorer,
-                                                      settings.style_samples, seed=1)
+    if "sampled_score" in cand:
         if cand["sampled_score"] <= live_metrics["sampled_score"]:
             reasons.append(f"sampled answers do not move toward the votes (scorer reward "
                            f"{cand['sampled_score']:.3f} vs live {live_metrics['sampled_score']:.3f})")
     result["decision"] = "rejected" if reasons else "promoted"
     result["reason"] = "; ".join(reasons) if reasons else "better on held-out feedback, no regression"
     return result
+
+
+def choose(verdicts: dict[str, dict]) -> str:
+    """The candidate to publish, of several judged against the same live policy: among the promoted,
+    the one whose sampled answers the scorer rates highest (then the higher held-out AUC); when none
+    is promoted, the first (the default settings), so its rejection is what gets recorded."""
+    promoted = [name for name, v in verdicts.items() if v["decision"] == "promoted"]
+    if not promoted:
+        return next(iter(verdicts))
+
+    def merit(name):
+        cand = verdicts[name]["candidate"]
+        return (cand.get("sampled_score", 0.0), cand.get("auc") or 0.0, cand.get("pair_accuracy") or 0.0)
+
+    return max(promoted, key=merit)
 
 
 def style_prompt_sample(prompts: list[dict], n: int, seed: int = 0) -> list[dict]:

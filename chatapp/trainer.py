@@ -55,6 +55,11 @@ class TrainSettings:
     scorer_epochs: int = 10  # a weak scorer (3 epochs) let other styles through (README table)
     learning_rate: float | None = None
     batch_size: int = 8
+    grad_accum: int = 1  # batches per optimizer step: batch_size 1 x grad_accum 8 trains like 8 with 1 row's memory
+    # recompute activations in the backward pass instead of keeping them: auto = on for models of
+    # >= 50 M parameters, where activations are most of a run's memory (bench/training.py), off for the
+    # demo model, whose activations are a few MB
+    gradient_checkpointing: str = "auto"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_mlp: bool = False
@@ -68,6 +73,9 @@ class TrainSettings:
     rs_prompts: int = 1000
     rs_temperature: float = 0.7  # fewer wrong samples than at 1.0 for the same style shift (README table)
     rs_rounds: int = 2  # rs: rounds of sampling + SFT; round 2 samples from round 1's candidate (README table)
+    # rs: the last round also trains candidates for these epoch counts on the same kept answers, and the
+    # gate publishes the best that passes: no one count met the bar for every style (README table)
+    rs_extra_epochs: tuple[int, ...] = (8, 12)
     max_new_tokens: int = 64
     min_rows: int = 20
     min_pairs: int = 20
@@ -81,6 +89,11 @@ class TrainSettings:
     publish: str = "gate"  # gate: publish, activate if promoted | always: activate anyway | never
     regression_set: str | None = None  # JSONL probe for models other than the demo model
 
+    def candidate_epochs(self, method: str) -> list[int]:
+        """Epochs of each candidate the last round trains (the first: `epochs`, the default one)."""
+        extra = [e for e in self.rs_extra_epochs if e != self.epochs] if method == "rs" else []
+        return [self.epochs] + sorted(set(extra))
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -92,12 +105,17 @@ class TrainSettings:
         check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         check(self.start_from in ("active", "base"), f"--from must be active or base, got {self.start_from!r}")
         check(self.priority in ("idle", "nice"), f"priority must be idle or nice, got {self.priority!r}")
+        check(self.gradient_checkpointing in ("auto", "on", "off"),
+              f"gradient checkpointing must be auto, on or off, got {self.gradient_checkpointing!r}")
+        check(1 <= self.grad_accum <= 256, f"grad accum must be between 1 and 256, got {self.grad_accum}")
         check(self.publish in ("gate", "always", "never"), f"publish must be gate, always or never, got {self.publish!r}")
         check(self.max_steps is None or self.max_steps >= 1, "max steps must be at least 1")
         for name, low, high in (("epochs", 1, 100), ("batch_size", 1, 256), ("lora_r", 1, 256), ("best_of", 2, 64),
                                 ("rs_prompts", 1, 100_000), ("min_rows", 1, 1_000_000), ("rs_rounds", 1, 5)):
             value = getattr(self, name)
             check(low <= value <= high, f"{name.replace('_', ' ')} must be between {low} and {high}, got {value}")
+        check(all(1 <= e <= 100 for e in self.rs_extra_epochs) and len(self.rs_extra_epochs) <= 4,
+              f"rs extra epochs must be at most 4 epoch counts between 1 and 100, got {list(self.rs_extra_epochs)}")
         check(0 < self.max_user_share <= 1, f"max user share must be in (0, 1], got {self.max_user_share}")
         check(self.learning_rate is None or 0 < self.learning_rate < 1,
               f"learning rate must be in (0, 1), got {self.learning_rate}")
@@ -256,15 +274,28 @@ def _lora(settings: TrainSettings, modules: str = "q_proj|k_proj|v_proj|o_proj")
                       target_modules=rf".*text_model.*\.({modules})", task_type="CAUSAL_LM")
 
 
-def _common_args(settings: TrainSettings, out: str, lr: float, epochs: int) -> dict:
+CHECKPOINTING_MIN_PARAMS = 50_000_000
+
+
+def use_gradient_checkpointing(settings: TrainSettings, model) -> bool:
+    if settings.gradient_checkpointing != "auto":
+        return settings.gradient_checkpointing == "on"
+    return sum(p.numel() for p in model.parameters()) >= CHECKPOINTING_MIN_PARAMS
+
+
+def _common_args(settings: TrainSettings, out: str, lr: float, epochs: int, checkpointing: bool = False) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
     args = dict(output_dir=out, per_device_train_batch_size=settings.batch_size, learning_rate=lr,
+                gradient_accumulation_steps=settings.grad_accum,
                 num_train_epochs=epochs, lr_scheduler_type=settings.lr_schedule, warmup_steps=0, report_to=[],
-                logging_steps=1 if settings.max_steps and settings.max_steps <= 20 else 5, save_strategy="no", gradient_checkpointing=False, max_length=settings.max_length,
+                logging_steps=1 if settings.max_steps and settings.max_steps <= 20 else 5, save_strategy="no",
+                gradient_checkpointing=checkpointing, max_length=settings.max_length,
                 dataloader_num_workers=0, seed=settings.seed, use_cpu=not cuda, bf16=cuda, disable_tqdm=False,
                 remove_unused_columns=False)
+    if checkpointing:  # the non-reentrant kind works with a frozen base and LoRA without input-grad hooks
+        args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if settings.max_steps:
         args["max_steps"] = settings.max_steps
     return args
@@ -277,7 +308,7 @@ def _train_trl(kind: str, model, processor, rows: list[dict], settings: TrainSet
     config_cls, trainer_cls = {"kto": (trl.KTOConfig, trl.KTOTrainer), "dpo": (trl.DPOConfig, trl.DPOTrainer),
                                "sft": (trl.SFTConfig, trl.SFTTrainer)}[kind]
     with tempfile.TemporaryDirectory(prefix="chatapp-train-") as out:
-        args = _common_args(settings, out, lr, epochs)
+        args = _common_args(settings, out, lr, epochs, use_gradient_checkpointing(settings, model))
         if schedule:
             args["lr_scheduler_type"] = schedule
         args.update(extra or {})
@@ -292,7 +323,7 @@ def _train_trl(kind: str, model, processor, rows: list[dict], settings: TrainSet
 def _steps(rows: int, settings: TrainSettings, epochs: int) -> int:
     if settings.max_steps:
         return settings.max_steps
-    return max(1, -(-rows // settings.batch_size)) * epochs
+    return max(1, -(-rows // (settings.batch_size * settings.grad_accum))) * epochs
 
 
 # ---------------------------------------------------------------- the run
@@ -380,11 +411,10 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
         scorer = None
         extra_metrics: dict = {}
         if method == "rs":
-            model, scorer, extra_metrics = _rejection_sampling(base, processor, data, settings, progress, live_path)
-            candidate = "candidate"
+            model, scorer, extra_metrics, candidates = _rejection_sampling(base, processor, data, settings, progress,
+                                                                           live_path)
         else:
-            model = _plain(method, base, processor, data, settings, progress, live_path, lr)
-            candidate = "candidate"
+            model, candidates = _plain(method, base, processor, data, settings, progress, live_path, lr), ["candidate"]
         if live_path and "live" not in model.peft_config:
             model.load_adapter(str(live_path), adapter_name="live")
         model.eval()
@@ -392,11 +422,28 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
         probe = _probe(engine, settings)
         held_prompts = [{"prompt": p["prompt"], "images": gate.modelops.load_images(p["images"])}
                         for p in gate.style_prompt_sample(data.held_prompts, gate.GateSettings().style_prompts)]
-        verdict = gate.decide(model, processor, candidate=candidate, live="live" if live_path else None,
-                              held_kto=data.kto_held.rows, held_dpo=data.dpo_held.rows, probe=probe,
-                              settings=gate.GateSettings(), scorer=scorer, style_prompts=held_prompts, log=log)
+        verdicts: dict[str, dict] = {}
+        live_metrics = None
+        for name in candidates:  # the live policy is measured once, then every candidate against it
+            verdicts[name] = gate.decide(model, processor, candidate=name, live="live" if live_path else None,
+                                         held_kto=data.kto_held.rows, held_dpo=data.dpo_held.rows, probe=probe,
+                                         settings=gate.GateSettings(), scorer=scorer, style_prompts=held_prompts,
+                                         live_metrics=live_metrics, log=log)
+            live_metrics = verdicts[name]["live"]
+        candidate = gate.choose(verdicts)
+        verdict = verdicts[candidate]
         metrics = dict(verdict, data=data.summary(), threads=threads, **extra_metrics)
+        if len(candidates) > 1:
+            metrics["chosen"] = candidate
+            metrics["candidates"] = {name: {"epochs": epochs, "decision": v["decision"], "reason": v["reason"],
+                                            "metrics": v["candidate"]}
+                                     for (name, v), epochs in zip(verdicts.items(), settings.candidate_epochs(method))}
+            log("train: candidates " + "; ".join(f"{n}: {v['decision']}" for n, v in verdicts.items())
+                + f"; chosen: {candidate}")
         decision, reason = verdict["decision"], verdict["reason"]
+        if len(candidates) > 1:
+            chosen_epochs = metrics["candidates"][candidate]["epochs"]
+            reason += f" (the {chosen_epochs}-epoch candidate; trained: {', '.join(map(str, settings.candidate_epochs(method)))})"
         version = None
         if settings.publish != "never":  # a rejected candidate is kept too: an admin may still activate it
             progress.start("publishing", 0)
@@ -502,26 +549,35 @@ def _rejection_sampling(base, processor, data: Data, settings: TrainSettings, pr
         if len(kept) < settings.batch_size:
             raise NoCandidate(f"rejection sampling kept only {len(kept)} answers of {len(prompts)} prompts "
                               f"(the scorer finds too few sampled answers better than the votes' midpoint)", metrics)
-        if "candidate" in model.peft_config:  # a fresh LoRA each round, trained on that round's answers
-            model.delete_adapter("candidate")
-        if live_path and settings.start_from == "active":
-            model.load_adapter(str(live_path), adapter_name="candidate", is_trainable=True)
-        else:
-            model.add_adapter("candidate", _lora(settings, settings.candidate_modules))
-        model.set_adapter("candidate")
-        model.train()
-        progress.phase = "training the candidate (sft)" + of_rounds
-        _train_trl("sft", model, processor, kept, settings, progress, settings.learning_rate or DEFAULT_LR["rs"],
-                   settings.epochs)
-        model.eval()
-        if round_number < settings.rs_rounds:
+        last = round_number == settings.rs_rounds
+        names = _candidate_names(settings) if last else ["candidate"]
+        for name, epochs in zip(names, settings.candidate_epochs("rs") if last else [settings.epochs]):
+            if name in model.peft_config:  # a fresh LoRA each round, trained on that round's answers
+                model.delete_adapter(name)
+            if live_path and settings.start_from == "active":
+                model.load_adapter(str(live_path), adapter_name=name, is_trainable=True)
+            else:
+                model.add_adapter(name, _lora(settings, settings.candidate_modules))
+            model.set_adapter(name)
+            model.train()
+            progress.phase = "training the candidate (sft)" + of_rounds + (
+                f", {epochs} epochs" if len(names) > 1 else "")
+            _train_trl("sft", model, processor, kept, settings, progress, settings.learning_rate or DEFAULT_LR["rs"],
+                       epochs)
+            model.eval()
+        if not last:
             # the next round samples from a frozen copy of this candidate
             _rename_adapter(model, "candidate", "policy")
             policy = "policy"
     if "policy" in model.peft_config:
         model.delete_adapter("policy")
     model.set_adapter("candidate")
-    return model, "scorer", metrics
+    return model, "scorer", metrics, names
+
+
+def _candidate_names(settings: TrainSettings) -> list[str]:
+    """Adapter names of the last round's candidates: "candidate" for the default epochs, then "candidate-eN"."""
+    return ["candidate"] + [f"candidate-e{e}" for e in settings.candidate_epochs("rs")[1:]]
 
 
 def _best_of_n(model, processor, prompts: list[dict], stored_prompts: list[dict], policy, threshold: float,

@@ -87,6 +87,9 @@ def test_too_little_feedback_is_refused_clearly(tmp_path, demo_engine):
     (dict(learning_rate=5.0), "learning rate"),
     (dict(priority="realtime"), "priority must be idle or nice"),
     (dict(rs_rounds=0), "rs rounds must be between 1 and 5"),
+    (dict(rs_extra_epochs=(0,)), "rs extra epochs must be"),
+    (dict(gradient_checkpointing="maybe"), "gradient checkpointing must be auto, on or off"),
+    (dict(grad_accum=0), "grad accum must be between 1 and 256"),
 ])
 def test_bad_settings_are_refused_before_anything_runs(tmp_path, bad, message):
     from chatapp.errors import RequestError
@@ -151,6 +154,44 @@ def test_a_run_is_recorded_published_and_tags_answers(voted_dir, tmp_path, demo_
                            cwd=ROOT, env=subprocess_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True,
                            timeout=120)
     assert wrong.returncode == 2 and "v9" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_rs_trains_a_candidate_per_epoch_count_and_the_gate_picks_one(voted_dir, tmp_path):
+    """The last rejection-sampling round trains the default and the extra-epoch candidates on the same
+    kept answers; the gate measures the live policy once and judges each; the chosen one is published
+    with every candidate's verdict in its metadata."""
+    data = copy_dir(voted_dir, tmp_path / "data")
+    store, registry = Store(data), Registry.for_data_dir(data)
+    logs = []
+    settings = TrainSettings(method="rs", start_from="base", max_steps=3, batch_size=4, min_rows=10, best_of=2,
+                             rs_prompts=24, rs_rounds=1, rs_extra_epochs=(8,), publish="always")
+    result = train(store, registry, "demo", settings, log=logs.append)
+    metrics = store.run(result.run_id)["metrics"]
+    assert set(metrics["candidates"]) == {"candidate", "candidate-e8"}
+    assert [c["epochs"] for c in metrics["candidates"].values()] == [4, 8]
+    for verdict in metrics["candidates"].values():
+        assert verdict["decision"] in ("promoted", "rejected") and "probe_accuracy" in verdict["metrics"]
+    chosen = metrics["chosen"]
+    assert metrics["candidates"][chosen]["decision"] == result.decision
+    assert f"the {metrics['candidates'][chosen]['epochs']}-epoch candidate" in result.reason
+    assert sum("gate: the live policy" in line for line in logs) == 1  # measured once for both candidates
+    assert registry.show(result.version)["metrics"]["chosen"] == chosen
+
+
+def test_gradient_checkpointing_trains_the_lora(voted_dir, tmp_path):
+    """With activations recomputed in the backward pass (the default for real-size models) the LoRA still
+    gets gradients: its B matrices, zero at the start, are not zero after two steps."""
+    import torch
+    from safetensors.torch import load_file
+
+    data = copy_dir(voted_dir, tmp_path / "data")
+    store, registry = Store(data), Registry.for_data_dir(data)
+    result = train(store, registry, "demo", TrainSettings(**dict(QUICK, max_steps=2), gradient_checkpointing="on",
+                                                          grad_accum=2, publish="always"), log=lambda m: None)
+    weights = load_file(str(registry.validate(result.version, None) / "adapter_model.safetensors"))
+    b = [w for name, w in weights.items() if "lora_B" in name]
+    assert b and all(torch.count_nonzero(w) > 0 for w in b)
+    assert registry.show(result.version)["hyperparameters"]["gradient_checkpointing"] == "on"
 
 
 def test_one_run_at_a_time(tmp_path):
