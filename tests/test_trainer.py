@@ -163,12 +163,12 @@ def test_rs_trains_a_candidate_per_epoch_count_and_the_gate_picks_one(voted_dir,
     data = copy_dir(voted_dir, tmp_path / "data")
     store, registry = Store(data), Registry.for_data_dir(data)
     logs = []
-    settings = TrainSettings(method="rs", start_from="base", max_steps=3, batch_size=4, min_rows=10, best_of=2,
-                             rs_prompts=24, rs_rounds=1, rs_extra_epochs=(8,), publish="always")
+    settings = TrainSettings(method="rs", start_from="base", scorer_epochs=5, epochs=1, rs_extra_epochs=(2,),
+                             min_rows=10, best_of=2, rs_prompts=32, rs_rounds=1, publish="always")
     result = train(store, registry, "demo", settings, log=logs.append)
     metrics = store.run(result.run_id)["metrics"]
-    assert set(metrics["candidates"]) == {"candidate", "candidate-e8"}
-    assert [c["epochs"] for c in metrics["candidates"].values()] == [4, 8]
+    assert set(metrics["candidates"]) == {"candidate", "candidate-e2"}
+    assert [c["epochs"] for c in metrics["candidates"].values()] == [1, 2]
     for verdict in metrics["candidates"].values():
         assert verdict["decision"] in ("promoted", "rejected") and "probe_accuracy" in verdict["metrics"]
     chosen = metrics["chosen"]
