@@ -197,7 +197,7 @@ class _IncrementalDecoder:
     def push(self, ids: list[int]) -> str:
         self.ids.extend(ids)
         decode = lambda a, b: self.tokenizer.decode(self.ids[a:b], skip_special_tokens=True)  # noqa: E731
-        prefix = decode(self.prefix_offset, self.read_offset)
+        prefix = decode(self.prefix_offset, self.read_offset) if self.read_offset > self.prefix_offset else ""
         text = decode(self.prefix_offset, len(self.ids))
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)

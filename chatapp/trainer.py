@@ -312,12 +312,30 @@ def _train_trl(kind: str, model, processor, rows: list[dict], settings: TrainSet
         if schedule:
             args["lr_scheduler_type"] = schedule
         args.update(extra or {})
+        callbacks = [_callback(progress)] + ([_frozen_inputs_callback()] if args["gradient_checkpointing"] else [])
         trainer = trainer_cls(model=model, args=config_cls(**args), train_dataset=_dataset(rows),
-                              processing_class=processor, peft_config=peft_config, callbacks=[_callback(progress)])
+                              processing_class=processor, peft_config=peft_config, callbacks=callbacks)
         progress.start(progress.phase, trainer.state.max_steps or _steps(len(rows), settings, epochs))
         trainer.train()
         progress.step(trainer.state.global_step, force=True)
         return trainer.model
+
+
+def _frozen_inputs_callback():
+    """With gradient checkpointing, TRL, peft and transformers each make the input embeddings of every
+    sub-model require grad, the vision tower's patch embeddings too, so autograd records and then
+    back-propagates through the whole frozen vision tower (17 tiles a SmolVLM image) for nothing.
+    Non-reentrant checkpointing needs no such hook (the LoRA weights inside each block require grad),
+    so they are removed once training begins, after the trainer has enabled checkpointing."""
+    from transformers import PreTrainedModel, TrainerCallback
+
+    class FrozenInputs(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            for module in model.modules():
+                if isinstance(module, PreTrainedModel):
+                    module.disable_input_require_grads()
+
+    return FrozenInputs()
 
 
 def _steps(rows: int, settings: TrainSettings, epochs: int) -> int:
@@ -529,6 +547,15 @@ def _rejection_sampling(base, processor, data: Data, settings: TrainSettings, pr
     disliked = train_rewards[[i for i, it in enumerate(train_items) if not it["label"]]]
     midpoint = float((liked.mean() + disliked.mean()) / 2)
     threshold = float(liked.mean()) if settings.keep == "liked" else midpoint
+    # The gate's first check, on the scorer before any sampling: votes that do not predict held-out
+    # votes (random ones) cannot make a candidate that passes it, so the run stops here, minutes early.
+    from . import gate
+
+    min_auc = gate.GateSettings().min_auc
+    held = gate.preference_metrics(model, processor, data.kto_held.rows, [], "scorer")
+    if held.get("auc") is not None and held["auc"] < min_auc:
+        raise NoCandidate(f"the votes do not predict each other: a scorer trained on them ranks the held-out votes "
+                          f"with AUC {held['auc']:.2f} < {min_auc}", {"scorer": held})
 
     # 2. best-of-N sampled answers on logged prompts, from the current policy; 3. the candidate: LoRA SFT
     # on the kept answers. With rs_rounds > 1 the next round samples from this round's candidate (whose
@@ -537,7 +564,7 @@ def _rejection_sampling(base, processor, data: Data, settings: TrainSettings, pr
         model.load_adapter(str(live_path), adapter_name="live")
     policy = "live" if live_path and settings.start_from == "active" else None
     prompts = [{"prompt": p["prompt"], "images": modelops.load_images(p["images"])} for p in data.prompts]
-    metrics = {"rs": {"midpoint": midpoint, "liked_reward": float(liked.mean()),
+    metrics = {"rs": {"scorer_held_out_auc": held.get("auc"), "midpoint": midpoint, "liked_reward": float(liked.mean()),
                       "disliked_reward": float(disliked.mean()), "prompts": len(prompts), "rounds": []}}
     for round_number in range(1, settings.rs_rounds + 1):
         of_rounds = f" (round {round_number} of {settings.rs_rounds})" if settings.rs_rounds > 1 else ""
