@@ -326,14 +326,17 @@ def _frozen_inputs_callback():
     sub-model require grad, the vision tower's patch embeddings too, so autograd records and then
     back-propagates through the whole frozen vision tower (17 tiles a SmolVLM image) for nothing.
     Non-reentrant checkpointing needs no such hook (the LoRA weights inside each block require grad),
-    so they are removed once training begins, after the trainer has enabled checkpointing."""
-    from transformers import PreTrainedModel, TrainerCallback
+    so they are removed once training begins, after the trainer has enabled checkpointing. They are
+    found by name: each call of `enable_input_require_grads` forgets the previous call's handles
+    (`disable_input_require_grads` left one set in place, measured)."""
+    from transformers import TrainerCallback
 
     class FrozenInputs(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             for module in model.modules():
-                if isinstance(module, PreTrainedModel):
-                    module.disable_input_require_grads()
+                for key, hook in list(module._forward_hooks.items()):
+                    if getattr(hook, "__name__", "") == "make_inputs_require_grads":
+                        del module._forward_hooks[key]
 
     return FrozenInputs()
 
