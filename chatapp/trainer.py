@@ -9,7 +9,9 @@ Methods (`--method`):
   the scorer is kept when its reward is above the midpoint between liked and disliked training
   answers; a LoRA is trained (TRL SFT) on the kept answers. With `rs_rounds` = 2 (the default) a
   second round samples from the first round's candidate, whose answers are mostly in the liked
-  style already, so the kept set is purer, and trains a fresh LoRA on it. This moved the demo
+  style already, so the kept set is purer, and trains fresh LoRAs on it for `epochs` and for each
+  of `rs_extra_epochs` (8, 12); the gate publishes the best that passes. A scorer that cannot rank
+  the held-out votes (AUC below the gate's bar) ends the run before any sampling. This moved the demo
   model's answer style where plain KTO/DPO on the same votes barely moved it or wrecked accuracy
   (see README).
 - `kto`: TRL KTO on the thumbs; `dpo`: TRL DPO on preferred siblings and comparisons; `sft`: TRL SFT
