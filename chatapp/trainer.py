@@ -91,10 +91,11 @@ class TrainSettings:
     publish: str = "gate"  # gate: publish, activate if promoted | always: activate anyway | never
     regression_set: str | None = None  # JSONL probe for models other than the demo model
 
-    def candidate_epochs(self, method: str) -> list[int]:
-        """Epochs of each candidate the last round trains (the first: `epochs`, the default one)."""
-        extra = [e for e in self.rs_extra_epochs if e != self.epochs] if method == "rs" else []
-        return [self.epochs] + sorted(set(extra))
+    def candidates(self, method: str) -> dict[str, int]:
+        """The adapters the last round trains, name -> epochs: "candidate" for `epochs` (the default
+        one, recorded when none passes), then "candidate-eN" for each of rs's extra epoch counts."""
+        extra = sorted({e for e in self.rs_extra_epochs if e != self.epochs}) if method == "rs" else []
+        return {"candidate": self.epochs, **{f"candidate-e{e}": e for e in extra}}
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -456,17 +457,15 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
         candidate = gate.choose(verdicts)
         verdict = verdicts[candidate]
         metrics = dict(verdict, data=data.summary(), threads=threads, **extra_metrics)
-        if len(candidates) > 1:
-            metrics["chosen"] = candidate
-            metrics["candidates"] = {name: {"epochs": epochs, "decision": v["decision"], "reason": v["reason"],
-                                            "metrics": v["candidate"]}
-                                     for (name, v), epochs in zip(verdicts.items(), settings.candidate_epochs(method))}
-            log("train: candidates " + "; ".join(f"{n}: {v['decision']}" for n, v in verdicts.items())
-                + f"; chosen: {candidate}")
         decision, reason = verdict["decision"], verdict["reason"]
         if len(candidates) > 1:
-            chosen_epochs = metrics["candidates"][candidate]["epochs"]
-            reason += f" (the {chosen_epochs}-epoch candidate; trained: {', '.join(map(str, settings.candidate_epochs(method)))})"
+            epochs = settings.candidates(method)
+            metrics["chosen"] = candidate
+            metrics["candidates"] = {name: {"epochs": epochs[name], "decision": v["decision"], "reason": v["reason"],
+                                            "metrics": v["candidate"]} for name, v in verdicts.items()}
+            log("train: candidates " + "; ".join(f"{n}: {v['decision']}" for n, v in verdicts.items())
+                + f"; chosen: {candidate}")
+            reason += f" (the {epochs[candidate]}-epoch candidate; trained: {', '.join(map(str, epochs.values()))})"
         version = None
         if settings.publish != "never":  # a rejected candidate is kept too: an admin may still activate it
             progress.start("publishing", 0)
@@ -545,17 +544,15 @@ def _rejection_sampling(base, processor, data: Data, settings: TrainSettings, pr
                     "completion": r["completion"][0]["content"][0]["text"], "label": r["label"]}
                    for r in data.kto_train.rows]
     progress.start("scoring the votes", 0)
-    from .gate import rewards
+    from . import gate
 
-    train_rewards = rewards(model, processor, train_items, "scorer")
+    train_rewards = gate.rewards(model, processor, train_items, "scorer")
     liked = train_rewards[[i for i, it in enumerate(train_items) if it["label"]]]
     disliked = train_rewards[[i for i, it in enumerate(train_items) if not it["label"]]]
     midpoint = float((liked.mean() + disliked.mean()) / 2)
     threshold = float(liked.mean()) if settings.keep == "liked" else midpoint
     # The gate's first check, on the scorer before any sampling: votes that do not predict held-out
     # votes (random ones) cannot make a candidate that passes it, so the run stops here, minutes early.
-    from . import gate
-
     min_auc = gate.GateSettings().min_auc
     held = gate.preference_metrics(model, processor, data.kto_held.rows, [], "scorer")
     if held.get("auc") is not None and held["auc"] < min_auc:
@@ -582,8 +579,8 @@ def _rejection_sampling(base, processor, data: Data, settings: TrainSettings, pr
             raise NoCandidate(f"rejection sampling kept only {len(kept)} answers of {len(prompts)} prompts "
                               f"(the scorer finds too few sampled answers better than the votes' midpoint)", metrics)
         last = round_number == settings.rs_rounds
-        names = _candidate_names(settings) if last else ["candidate"]
-        for name, epochs in zip(names, settings.candidate_epochs("rs") if last else [settings.epochs]):
+        trained = settings.candidates("rs") if last else {"candidate": settings.epochs}
+        for name, epochs in trained.items():
             if name in model.peft_config:  # a fresh LoRA each round, trained on that round's answers
                 model.delete_adapter(name)
             if live_path and settings.start_from == "active":
@@ -593,7 +590,7 @@ def _rejection_sampling(base, processor, data: Data, settings: TrainSettings, pr
             model.set_adapter(name)
             model.train()
             progress.phase = "training the candidate (sft)" + of_rounds + (
-                f", {epochs} epochs" if len(names) > 1 else "")
+                f", {epochs} epochs" if len(trained) > 1 else "")
             _train_trl("sft", model, processor, kept, settings, progress, settings.learning_rate or DEFAULT_LR["rs"],
                        epochs)
             model.eval()
@@ -604,12 +601,7 @@ def _rejection_sampling(base, processor, data: Data, settings: TrainSettings, pr
     if "policy" in model.peft_config:
         model.delete_adapter("policy")
     model.set_adapter("candidate")
-    return model, "scorer", metrics, names
-
-
-def _candidate_names(settings: TrainSettings) -> list[str]:
-    """Adapter names of the last round's candidates: "candidate" for the default epochs, then "candidate-eN"."""
-    return ["candidate"] + [f"candidate-e{e}" for e in settings.candidate_epochs("rs")[1:]]
+    return model, "scorer", metrics, list(trained)
 
 
 def _best_of_n(model, processor, prompts: list[dict], stored_prompts: list[dict], policy, threshold: float,
