@@ -315,11 +315,14 @@ def _train_trl(kind: str, model, processor, rows: list[dict], settings: TrainSet
         if schedule:
             args["lr_scheduler_type"] = schedule
         args.update(extra or {})
-        callbacks = [_callback(progress)] + ([_frozen_inputs_callback()] if args["gradient_checkpointing"] else [])
+        saving = args["gradient_checkpointing"]  # the memory-saving mode of models of real size
+        callbacks = [_callback(progress)] + ([_frozen_inputs_callback(), _return_freed_memory_callback()]
+                                             if saving else [])
         trainer = trainer_cls(model=model, args=config_cls(**args), train_dataset=_dataset(rows),
                               processing_class=processor, peft_config=peft_config, callbacks=callbacks)
         progress.start(progress.phase, trainer.state.max_steps or _steps(len(rows), settings, epochs))
-        trainer.train()
+        with _score_labelled_positions_only():
+            trainer.train()
         progress.step(trainer.state.global_step, force=True)
         return trainer.model
 
@@ -342,6 +345,52 @@ def _frozen_inputs_callback():
                         del module._forward_hooks[key]
 
     return FrozenInputs()
+
+
+@contextlib.contextmanager
+def _score_labelled_positions_only():
+    """TRL's fused LM head projects, in tiles, only the positions that have a label on CUDA, but every
+    position elsewhere (to keep tile shapes fixed for compilers such as Neuron's). On the CPU that means
+    a SmolVLM image row's ~1,140 prompt positions are projected onto the 49k-token vocabulary, forward
+    and backward, for the ~10 completion tokens that have labels: ~1 GB of a step's peak memory
+    (bench/training.py). Eager CPU kernels do not recompile, so labelled positions alone are scored
+    there too; the log-probabilities are the same (tests/test_trainer.py)."""
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:  # pragma: no cover - TRL always has it at the pinned version
+        yield
+        return
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:  # another TRL layout: leave it alone
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+def _return_freed_memory_callback():
+    """A step of a real-size model frees ~1 GB of activations that glibc keeps in its heap rather than
+    giving back, so the next step's peak (the vision tower's forward) lands on top of it: measured
+    3.2 GB instead of 2.5 GB on the SmolVLM-sized model. `malloc_trim` after each step returns it."""
+    import ctypes
+    import ctypes.util
+    from transformers import TrainerCallback
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    trim = getattr(libc, "malloc_trim", None)  # glibc only: elsewhere a no-op
+
+    class ReturnFreedMemory(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if trim is not None:
+                trim(0)
+
+        on_substep_end = on_step_end  # between gradient-accumulation micro-batches too
+
+    return ReturnFreedMemory()
 
 
 def _steps(rows: int, settings: TrainSettings, epochs: int) -> int:

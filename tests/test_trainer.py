@@ -194,6 +194,47 @@ def test_gradient_checkpointing_trains_the_lora(voted_dir, tmp_path):
     assert registry.show(result.version)["hyperparameters"]["gradient_checkpointing"] == "on"
 
 
+def test_cpu_training_scores_only_labelled_positions_with_the_same_log_probs():
+    """The trainer has TRL's fused LM head project only the positions with a label on the CPU (the
+    prompt's image positions are most of a real model's training memory); the per-token
+    log-probabilities, the loss and the gradients are the same as when every position is projected."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl.trainer import utils as trl_utils
+
+    from chatapp import engine, shapes, trainer
+
+    path = engine.resolve_model_path("demo")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(path)
+    trl_utils.add_fused_lm_head(model)
+    example = shapes.random_example(__import__("random").Random(5), "color")
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example.question}]}]
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": " Red."}]}]
+    image = [[shapes.render(example.scene)]]
+    inputs = processor(text=[processor.apply_chat_template(prompt + answer)], images=image, return_tensors="pt")
+    prompt_length = processor(text=[processor.apply_chat_template(prompt, add_generation_prompt=True)], images=image,
+                              return_tensors="pt")["input_ids"].shape[1]
+    labels = inputs["input_ids"].clone()
+    labels[:, :prompt_length] = -100
+
+    def run():
+        model.zero_grad()
+        out = model(**inputs, labels=labels, fused_lm_head=True, use_cache=False)
+        out.loss.backward()
+        return out.log_probs.detach(), out.loss.detach(), model.lm_head.weight.grad.clone()
+
+    assert not trl_utils._use_triton(torch.device("cpu"))
+    every = run()
+    with trainer._score_labelled_positions_only():
+        assert trl_utils._use_triton(torch.device("cpu"))
+        labelled = run()
+    assert not trl_utils._use_triton(torch.device("cpu"))  # restored
+    assert (labels[:, 1:] != -100).sum() < labels.shape[1] / 4  # most positions are the prompt's
+    for a, b in zip(every, labelled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_one_run_at_a_time(tmp_path):
     with run_lock(tmp_path):
         with pytest.raises(TrainingBusy):
