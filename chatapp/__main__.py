@@ -89,9 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rs-extra-epochs", type=_epoch_list, default=(8, 12), metavar="N[,N]",
                        help="rs: the last round also trains candidates for these epoch counts on the same answers; "
                             "the gate publishes the best that passes (default 8,12; 'none' for one candidate)")
+    train.add_argument("--temperature", type=float,
+                       help="the sampling temperature users chat at, which rs/sft candidates are trained and the "
+                            "gate's sampled check is run for (default: the one the voted answers were sampled at)")
     train.add_argument("--batch-size", type=int, default=8,
                        help="rows per step (default 8; use 1-2 for real-size models on a CPU: "
-                            "~3.5 GB of activations per SmolVLM-256M row)")
+                            "~1.4 GB of activations per SmolVLM-256M image row)")
     train.add_argument("--grad-accum", type=int, default=1,
                        help="batches per optimizer step (default 1): --batch-size 1 --grad-accum 8 trains like "
                             "a batch of 8 with one row's memory")
@@ -237,7 +240,7 @@ def cmd_train(args) -> int:
                              lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_mlp=args.lora_mlp,
                              min_rows=args.min_rows, max_user_share=args.max_user_share, publish=args.publish,
                              regression_set=args.regression_set, quantize=args.quantize, threads=args.threads, priority=args.priority,
-                             seed=args.seed)
+                             seed=args.seed, temperature=args.temperature)
     settings.validate()
     if args.watch:
         from .watcher import WatchSettings, watch

@@ -5,8 +5,9 @@ Invariants:
   regression probe, never on the training rows.
 - Preference: the implicit reward of an answer under a policy is log p_policy(answer) - log
   p_base(answer). On held-out thumbs, the AUC of that reward (liked above disliked) must reach
-  `min_auc` and beat the live policy's AUC; on held-out pairs, chosen must beat rejected more
-  often than under the live policy.
+  `min_auc`, be above chance with a one-sided p-value below `max_auc_p` (a few dozen held-out votes
+  make an AUC of 0.65 by luck about one time in twenty), and beat the live policy's AUC; on held-out
+  pairs, chosen must beat rejected more often than under the live policy.
 - Behaviour: a vote-only metric passes a collapsed adapter, so the candidate must also keep its
   regression accuracy within `max_regression` of the live policy's (demo model: greedy accuracy on
   fixed shapes questions; other models: an optional JSONL of prompts, images and expected
@@ -17,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,13 +32,15 @@ PROBE_SEED = 424242
 
 @dataclass
 class GateSettings:
-    min_auc: float = 0.75
+    min_auc: float = 0.6
+    max_auc_p: float = 0.05  # the held-out AUC must be this unlikely under random votes
     max_regression: float = 0.02  # accuracy points (0.02 = 2 points) the candidate may lose
     min_held_out: int = 8  # held-out rows needed to judge preference at all
     probe_per_type: int = 50
     regression_set: str | None = None  # JSONL for models other than the demo model
     style_prompts: int = 48
     style_samples: int = 4
+    temperature: float = 1.0  # of the sampled-answers check: the one users chat at (the trainer's)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +55,27 @@ def auc(positives: list[float], negatives: list[float]) -> float | None:
         for n in negatives:
             wins += 1.0 if p > n else 0.5 if p == n else 0.0
     return wins / (len(positives) * len(negatives))
+
+
+def auc_p_value(value: float, positives: int, negatives: int) -> float:
+    """One-sided p-value of an AUC at least `value` when the scores know nothing of the labels
+    (Mann-Whitney U, normal approximation)."""
+    spread = math.sqrt((positives + negatives + 1) / (12 * positives * negatives))
+    return 0.5 * math.erfc((value - 0.5) / spread / math.sqrt(2))
+
+
+def auc_shortfall(metrics: dict, settings: "GateSettings") -> str | None:
+    """Why held-out thumbs do not show a preference (None when they do): the AUC is below the bar or
+    could be chance."""
+    value = metrics.get("auc")
+    if value is None:
+        return None
+    if value < settings.min_auc:
+        return f"held-out AUC {value:.2f} < {settings.min_auc}"
+    if metrics["auc_p"] > settings.max_auc_p:
+        return (f"held-out AUC {value:.2f} could be chance, p = {metrics['auc_p']:.2f} > {settings.max_auc_p} "
+                f"with {metrics['liked']} liked / {metrics['disliked']} disliked")
+    return None
 
 
 def rewards(model, processor, items: list[dict], policy: str | None) -> torch.Tensor:
@@ -77,8 +102,10 @@ def preference_metrics(model, processor, kto_rows: list[dict], dpo_rows: list[di
         liked = [float(x) for x, it in zip(r, items) if it["label"]]
         disliked = [float(x) for x, it in zip(r, items) if not it["label"]]
         metrics["auc"] = auc(liked, disliked)
+        metrics["liked"], metrics["disliked"] = len(liked), len(disliked)
         if liked and disliked:
             metrics["margin"] = sum(liked) / len(liked) - sum(disliked) / len(disliked)
+            metrics["auc_p"] = auc_p_value(metrics["auc"], len(liked), len(disliked))
     if dpo_rows:
         chosen = [{"prompt": r["prompt"], "images": modelops.load_images(r["images"]),
                    "completion": r["chosen"][0]["content"][0]["text"]} for r in dpo_rows]
@@ -134,10 +161,10 @@ def probe_accuracy(model, processor, probe: list[dict], policy: str | None) -> f
 
 
 def sampled_score(model, processor, prompts: list[dict], policy: str | None, scorer: str, samples: int,
-                  seed: int = 0) -> float:
-    """Mean scorer reward of answers sampled (temperature 1) from `policy` on `prompts`."""
+                  seed: int = 0, temperature: float = 1.0) -> float:
+    """Mean scorer reward of answers sampled at `temperature` from `policy` on `prompts`."""
     with modelops.adapter(model, policy):
-        answers = modelops.sample_answers(model, processor, prompts, samples, temperature=1.0, seed=seed)
+        answers = modelops.sample_answers(model, processor, prompts, samples, temperature=temperature, seed=seed)
     items = [dict(p, completion=a) for p, group in zip(prompts, answers) for a in group]
     return float(rewards(model, processor, items, scorer).mean()) if items else 0.0
 
@@ -153,7 +180,7 @@ def measure(model, processor, policy: str | None, *, held_kto: list[dict], held_
         metrics["probe_accuracy"] = probe_accuracy(model, processor, probe, policy)
     if scorer and style_prompts:
         metrics["sampled_score"] = sampled_score(model, processor, style_prompts, policy, scorer,
-                                                 settings.style_samples, seed=1)
+                                                 settings.style_samples, seed=1, temperature=settings.temperature)
     return metrics
 
 
@@ -178,8 +205,8 @@ def decide(model, processor, *, candidate: str, live: str | None, held_kto: list
     result["candidate"], result["live"] = cand, live_metrics
     if cand.get("auc") is not None:
         live_auc = live_metrics.get("auc") if live_metrics.get("auc") is not None else 0.5
-        if cand["auc"] < settings.min_auc:
-            reasons.append(f"held-out AUC {cand['auc']:.2f} < {settings.min_auc}")
+        if shortfall := auc_shortfall(cand, settings):
+            reasons.append(shortfall)
         elif cand["auc"] <= live_auc:
             reasons.append(f"held-out AUC {cand['auc']:.2f} is not above the live policy's {live_auc:.2f}")
     if cand.get("pair_accuracy") is not None:

@@ -165,7 +165,8 @@ def kto_rows(store) -> Rows:
         row = {"images": images, "prompt": prompt, "completion": assistant_message(text),
                "label": vote["vote"] == "up"}
         _add(out, seen, row, {"message_id": vote["message_id"], "user_id": vote["user_id"],
-                              "user_name": vote["user_name"], "vote": vote["vote"]})
+                              "user_name": vote["user_name"], "vote": vote["vote"],
+                              "temperature": ((context.get("generation") or {}).get("params") or {}).get("temperature")})
     return out
 
 
@@ -290,6 +291,13 @@ def kto_weights(rows_: Rows) -> tuple[float, float]:
     if ups >= downs:
         return 1.0, ups / downs
     return downs / ups, 1.0
+
+
+def sampling_temperature(rows_: Rows) -> float | None:
+    """The temperature the rated answers were sampled at (the median of their generation records), or
+    None when none was sampled (greedy answers, or no record)."""
+    temperatures = sorted(t for p in rows_.provenance if isinstance(t := p.get("temperature"), (int, float)) and t > 0)
+    return float(temperatures[len(temperatures) // 2]) if temperatures else None
 
 
 def logged_prompts(store, exclude_message_ids: set[int] = frozenset(), limit: int | None = None) -> list[dict]:

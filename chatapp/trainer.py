@@ -10,8 +10,10 @@ Methods (`--method`):
   answers; a LoRA is trained (TRL SFT) on the kept answers. With `rs_rounds` = 2 (the default) a
   second round samples from the first round's candidate, whose answers are mostly in the liked
   style already, so the kept set is purer, and trains fresh LoRAs on it for `epochs` and for each
-  of `rs_extra_epochs` (8, 12); the gate publishes the best that passes. A scorer that cannot rank
-  the held-out votes (AUC below the gate's bar) ends the run before any sampling. This moved the demo
+  of `rs_extra_epochs` (8, 12); the gate publishes the best that passes. The candidates are trained
+  for the temperature users chat at (the voted answers' own, from their generation records): their
+  SFT loss is taken on logits / T, and the gate samples at T. A scorer that cannot rank the held-out
+  votes (the gate's AUC bar) ends the run before any sampling. This moved the demo
   model's answer style where plain KTO/DPO on the same votes barely moved it or wrecked accuracy
   (see README).
 - `kto`: TRL KTO on the thumbs; `dpo`: TRL DPO on preferred siblings and comparisons; `sft`: TRL SFT
@@ -37,7 +39,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import prefs
+from . import config, prefs
 from .errors import RequestError
 
 METHODS = ("auto", "rs", "kto", "dpo", "sft")
@@ -78,6 +80,9 @@ class TrainSettings:
     # rs: the last round also trains candidates for these epoch counts on the same kept answers, and the
     # gate publishes the best that passes: no one count met the bar for every style (README table)
     rs_extra_epochs: tuple[int, ...] = (8, 12)
+    # the sampling temperature the candidate is trained (rs / sft: loss on logits / T) and judged for;
+    # None: the one the voted answers were sampled at (their generation records), 1 when none was sampled
+    temperature: float | None = None
     max_new_tokens: int = 64
     min_rows: int = 20
     min_pairs: int = 20
@@ -123,6 +128,8 @@ class TrainSettings:
         check(self.learning_rate is None or 0 < self.learning_rate < 1,
               f"learning rate must be in (0, 1), got {self.learning_rate}")
         check(self.threads is None or self.threads >= 1, "threads must be at least 1")
+        check(self.temperature is None or 0 < self.temperature <= config.TEMPERATURE_MAX,
+              f"temperature must be in (0, {config.TEMPERATURE_MAX}], got {self.temperature}")
         return self
 
 
@@ -166,11 +173,13 @@ class Data:
     sft_train: prefs.Rows
     prompts: list[dict]  # logged prompts for rejection sampling (held-out prompts excluded)
     held_prompts: list[dict]  # prompts of held-out rated answers (for the gate's sampled check)
+    temperature: float  # the sampling temperature the candidate is trained and judged for
+
 
     def summary(self) -> dict:
         return {"kto_train": len(self.kto_train), "kto_held_out": len(self.kto_held),
                 "dpo_train": len(self.dpo_train), "dpo_held_out": len(self.dpo_held),
-                "sft_train": len(self.sft_train), "logged_prompts": len(self.prompts)}
+                "sft_train": len(self.sft_train), "logged_prompts": len(self.prompts), "temperature": self.temperature}
 
 
 def prepare_data(store, settings: TrainSettings) -> Data:
@@ -188,7 +197,8 @@ def prepare_data(store, settings: TrainSettings) -> Data:
         if key not in seen:
             seen.add(key)
             held_prompts.append({"prompt": row["prompt"], "images": row["images"]})
-    return Data(kto_train, kto_held, dpo_train, dpo_held, sft_train, prompts, held_prompts)
+    temperature = settings.temperature or prefs.sampling_temperature(kto_train) or 1.0
+    return Data(kto_train, kto_held, dpo_train, dpo_held, sft_train, prompts, held_prompts, temperature)
 
 
 def choose_method(settings: TrainSettings, data: Data) -> str:
@@ -305,7 +315,10 @@ def _common_args(settings: TrainSettings, out: str, lr: float, epochs: int, chec
 
 
 def _train_trl(kind: str, model, processor, rows: list[dict], settings: TrainSettings, progress: Progress,
-               lr: float, epochs: int, peft_config=None, extra: dict | None = None, schedule: str | None = None):
+               lr: float, epochs: int, peft_config=None, extra: dict | None = None, schedule: str | None = None,
+               temperature: float = 1.0):
+    """One TRL run. `temperature` (SFT only): the loss is taken on logits / temperature, so the rows
+    become likely when answers are sampled at that temperature, not only at 1."""
     import trl
 
     config_cls, trainer_cls = {"kto": (trl.KTOConfig, trl.KTOTrainer), "dpo": (trl.DPOConfig, trl.DPOTrainer),
@@ -318,11 +331,24 @@ def _train_trl(kind: str, model, processor, rows: list[dict], settings: TrainSet
         saving = args["gradient_checkpointing"]  # the memory-saving mode of models of real size
         callbacks = [_callback(progress)] + ([_frozen_inputs_callback(), _return_freed_memory_callback()]
                                              if saving else [])
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        own_forward = base.__dict__.get("forward")  # TRL patches the instance's forward; put it back after
         trainer = trainer_cls(model=model, args=config_cls(**args), train_dataset=_dataset(rows),
                               processing_class=processor, peft_config=peft_config, callbacks=callbacks)
+        if kind == "sft" and temperature != 1.0:
+            # the trainer's fused LM head, again, dividing the logits by the temperature
+            from trl.trainer.utils import add_fused_lm_head
+
+            add_fused_lm_head(base, temperature=temperature, outputs=("log_probs", "entropy", "is_top1"))
         progress.start(progress.phase, trainer.state.max_steps or _steps(len(rows), settings, epochs))
-        with _score_labelled_positions_only():
-            trainer.train()
+        try:
+            with _score_labelled_positions_only():
+                trainer.train()
+        finally:
+            if own_forward is None:
+                base.__dict__.pop("forward", None)
+            else:
+                base.forward = own_forward
         progress.step(trainer.state.global_step, force=True)
         return trainer.model
 
@@ -493,14 +519,15 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
         model.eval()
         progress.start("evaluating (gate)", 0)
         probe = _probe(engine, settings)
+        gate_settings = gate.GateSettings(temperature=data.temperature)
         held_prompts = [{"prompt": p["prompt"], "images": gate.modelops.load_images(p["images"])}
-                        for p in gate.style_prompt_sample(data.held_prompts, gate.GateSettings().style_prompts)]
+                        for p in gate.style_prompt_sample(data.held_prompts, gate_settings.style_prompts)]
         verdicts: dict[str, dict] = {}
         live_metrics = None
         for name in candidates:  # the live policy is measured once, then every candidate against it
             verdicts[name] = gate.decide(model, processor, candidate=name, live="live" if live_path else None,
                                          held_kto=data.kto_held.rows, held_dpo=data.dpo_held.rows, probe=probe,
-                                         settings=gate.GateSettings(), scorer=scorer, style_prompts=held_prompts,
+                                         settings=gate_settings, scorer=scorer, style_prompts=held_prompts,
                                          live_metrics=live_metrics, log=log)
             live_metrics = verdicts[name]["live"]
         candidate = gate.choose(verdicts)
@@ -549,6 +576,7 @@ def _plain(method, base, processor, data: Data, settings, progress, live_path, l
 
     rows = {"kto": data.kto_train, "dpo": data.dpo_train, "sft": data.sft_train}[method].rows
     extra = {"beta": settings.beta} if method in ("kto", "dpo") else {}
+    temperature = data.temperature if method == "sft" else 1.0
     if method == "kto":
         desirable, undesirable = prefs.kto_weights(data.kto_train)
         extra.update(desirable_weight=desirable, undesirable_weight=undesirable)
@@ -556,11 +584,12 @@ def _plain(method, base, processor, data: Data, settings, progress, live_path, l
     if live_path and settings.start_from == "active":
         # TRL looks for peft's default adapter name; it becomes "candidate" after training
         model = PeftModel.from_pretrained(base, str(live_path), is_trainable=True)
-        model = _train_trl(method, model, processor, rows, settings, progress, lr, settings.epochs, extra=extra)
+        model = _train_trl(method, model, processor, rows, settings, progress, lr, settings.epochs, extra=extra,
+                           temperature=temperature)
         _rename_adapter(model, model.active_adapter, "candidate")
     else:
         model = _train_trl(method, base, processor, rows, settings, progress, lr, settings.epochs,
-                           peft_config=_lora(settings), extra=extra)
+                           peft_config=_lora(settings), extra=extra, temperature=temperature)
         _rename_adapter(model, model.active_adapter, "candidate")
     return model
 
@@ -602,11 +631,10 @@ def _rejection_sampling(base, processor, data: Data, settings: TrainSettings, pr
     threshold = float(liked.mean()) if settings.keep == "liked" else midpoint
     # The gate's first check, on the scorer before any sampling: votes that do not predict held-out
     # votes (random ones) cannot make a candidate that passes it, so the run stops here, minutes early.
-    min_auc = gate.GateSettings().min_auc
     held = gate.preference_metrics(model, processor, data.kto_held.rows, [], "scorer")
-    if held.get("auc") is not None and held["auc"] < min_auc:
-        raise NoCandidate(f"the votes do not predict each other: a scorer trained on them ranks the held-out votes "
-                          f"with AUC {held['auc']:.2f} < {min_auc}", {"scorer": held})
+    if shortfall := gate.auc_shortfall(held, gate.GateSettings()):
+        raise NoCandidate(f"the votes do not predict each other (a scorer trained on them: {shortfall})",
+                          {"scorer": held})
 
     # 2. best-of-N sampled answers on logged prompts, from the current policy; 3. the candidate: LoRA SFT
     # on the kept answers. With rs_rounds > 1 the next round samples from this round's candidate (whose
@@ -641,7 +669,7 @@ def _rejection_sampling(base, processor, data: Data, settings: TrainSettings, pr
             progress.phase = "training the candidate (sft)" + of_rounds + (
                 f", {epochs} epochs" if len(trained) > 1 else "")
             _train_trl("sft", model, processor, kept, settings, progress, settings.learning_rate or DEFAULT_LR["rs"],
-                       epochs)
+                       epochs, temperature=data.temperature)
             model.eval()
         if not last:
             # the next round samples from a frozen copy of this candidate

@@ -194,6 +194,45 @@ def test_gradient_checkpointing_trains_the_lora(voted_dir, tmp_path):
     assert registry.show(result.version)["hyperparameters"]["gradient_checkpointing"] == "on"
 
 
+def test_the_gate_asks_for_an_auc_above_chance():
+    """The p-value of a held-out AUC matches what random votes do (a permutation count), and the
+    gate's verdict names both bars."""
+    import random
+
+    from chatapp import gate
+
+    rng = random.Random(0)
+    scores = [rng.random() for _ in range(47)]
+    chance = [gate.auc(*[[s for s, up in zip(scores, labels) if up == want] for want in (True, False)])
+              for labels in ([rng.random() < 0.6 for _ in scores] for _ in range(3000))]
+    for value in (0.6, 0.65, 0.7):
+        counted = sum(a >= value for a in chance) / len(chance)
+        assert abs(gate.auc_p_value(value, 28, 19) - counted) < 0.03
+    settings = gate.GateSettings()
+    assert gate.auc_shortfall({"auc": 0.71, "auc_p": gate.auc_p_value(0.71, 28, 19), "liked": 28, "disliked": 19},
+                              settings) is None
+    weak = gate.auc_shortfall({"auc": 0.63, "auc_p": gate.auc_p_value(0.63, 12, 9), "liked": 12, "disliked": 9},
+                              settings)
+    assert weak.startswith("held-out AUC 0.63 could be chance, p = 0.") and weak.endswith("with 12 liked / 9 disliked")
+    assert gate.auc_shortfall({"auc": 0.55, "auc_p": 0.001, "liked": 900, "disliked": 900}, settings) == \
+        "held-out AUC 0.55 < 0.6"
+
+
+def test_the_votes_temperature_is_what_the_candidate_is_trained_for(voted_dir):
+    """The rated answers were sampled at temperature 1 (simulate.log_chats): that is the temperature
+    the candidate is trained and judged for, unless the settings name one."""
+    from chatapp.trainer import prepare_data
+
+    rows = prefs.kto_rows(Store(voted_dir))
+    assert {p["temperature"] for p in rows.provenance} == {1.0}
+    assert prefs.sampling_temperature(rows) == 1.0
+    assert prefs.sampling_temperature(prefs.Rows("kto", provenance=[{"temperature": 0.0}, {}])) is None
+    assert prepare_data(Store(voted_dir), TrainSettings()).temperature == 1.0
+    assert prepare_data(Store(voted_dir), TrainSettings(temperature=1.6)).temperature == 1.6
+    with pytest.raises(Exception, match="temperature must be in"):
+        TrainSettings(temperature=0).validate()
+
+
 def test_cpu_training_scores_only_labelled_positions_with_the_same_log_probs():
     """The trainer has TRL's fused LM head project only the positions with a label on the CPU (the
     prompt's image positions are most of a real model's training memory); the per-token

@@ -26,18 +26,17 @@ from chatapp.trainer import TrainSettings, train
 
 USERS = [f"user{i}" for i in range(5)]
 LOGGED, VOTES = 600, 200
-HOT = 2.0  # the "high temperature" of the correctness test: the demo model is right ~60% of the time
+HOT = 2.0  # the "high temperature" of the correctness test: the demo model is right ~70% of the time
 STYLES = os.environ.get("CHATAPP_PROOF_STYLES", "terse").split(",")
 # The style test passes for every style with the default recipe (two rounds of rejection sampling,
 # 4-, 8- and 12-epoch candidates, the gate picks): terse 0.35 -> 0.92, plain 0.29 -> 0.92, chatty
-# 0.36 -> 0.95, greedy accuracy 0.993 -> 0.980 each (README). The correctness goal is not met yet
-# (issue 4 stays open): the run stops at the scorer check (held-out AUC 0.71 < 0.75); without that
-# check the candidates lowered sampled accuracy at temperature 2 (0.71 -> 0.57) and the gate rejected
-# them (held-out AUC 0.39-0.44). Each case takes ~4 minutes on 2 cores, more than the CI
-# suite's budget allows for four of them, so CI runs them only when asked:
+# 0.36 -> 0.95, greedy accuracy 0.993 -> 0.980 each; the correctness test too: sampled accuracy at
+# temperature 2 0.71 -> 0.76, with candidates trained at the votes' temperature (README). Each case
+# takes ~5 minutes on 2 cores, more than the CI suite's budget allows for four of them, so CI runs
+# them only when asked:
 # CHATAPP_PROOF=1 [CHATAPP_PROOF_STYLES=terse,plain,chatty] pytest tests/test_votes_change_the_model.py
 opt_in = pytest.mark.skipif(os.environ.get("CHATAPP_PROOF") != "1",
-                            reason="~4 minutes a case; run with CHATAPP_PROOF=1")
+                            reason="~5 minutes a case; run with CHATAPP_PROOF=1")
 
 
 def measure(data, version, items, temperature):
