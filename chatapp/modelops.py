@@ -22,14 +22,27 @@ def load_images(paths: list[str]) -> list:
     return [load_image(p) for p in paths]
 
 
-def _groups(items: list, batch_size: int):
-    """Index batches of items with the same number of images."""
+# Prompt tokens per batch: a SmolVLM image is ~1,100 tokens (17 tiles through the vision tower), so
+# a batch of 32 such prompts would need tens of GB on a CPU; the demo model's ~40-token prompts still
+# fill whole batches.
+BATCH_TOKENS = 4096
+
+
+def _groups(items: list, batch_size: int, processor=None):
+    """Index batches of items with the same number of images, at most `batch_size` each and, given
+    the processor, at most BATCH_TOKENS prompt tokens (measured on each group's first prompt)."""
     by_count: dict[int, list[int]] = {}
     for i, item in enumerate(items):
         by_count.setdefault(len(item["images"]), []).append(i)
     for indexes in by_count.values():
-        for start in range(0, len(indexes), batch_size):
-            yield indexes[start:start + batch_size]
+        size = batch_size
+        if processor is not None:
+            first = items[indexes[0]]
+            text = processor.apply_chat_template(first["prompt"], add_generation_prompt=True)
+            tokens = _processor_batch(processor, [text], [first["images"]], "right")["input_ids"].shape[1]
+            size = max(1, min(batch_size, BATCH_TOKENS // tokens))
+        for start in range(0, len(indexes), size):
+            yield indexes[start:start + size]
 
 
 def _processor_batch(processor, texts: list[str], images: list[list], padding_side: str):
@@ -54,7 +67,7 @@ def completion_logps(model, processor, items: list[dict], batch_size: int = 32,
     (PIL images). Returns a float tensor in item order."""
     out = torch.zeros(len(items))
     template = processor.apply_chat_template
-    for batch in _groups(items, batch_size):
+    for batch in _groups(items, batch_size, processor):
         prompts = [template(items[i]["prompt"], add_generation_prompt=True) for i in batch]
         fulls = [template(items[i]["prompt"] + [_answer_message(items[i]["completion"])]) for i in batch]
         images = [items[i]["images"] for i in batch]
@@ -62,14 +75,18 @@ def completion_logps(model, processor, items: list[dict], batch_size: int = 32,
         prompt_lengths = prompt_inputs["attention_mask"].sum(dim=1)
         inputs = _processor_batch(processor, fulls, images, "right")
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        logits = model(**inputs).logits.float()
+        # logits only from the position before the earliest completion token on: the prompt's
+        # (an image is most of it) would be a (batch, ~1,100, vocabulary) tensor for nothing
+        length = inputs["input_ids"].shape[1]
+        start = int(prompt_lengths.min()) - 1
+        logits = model(**inputs, logits_to_keep=length - start).logits.float()
         logps = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = inputs["input_ids"][:, 1:]
+        targets = inputs["input_ids"][:, start + 1:]
         token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        positions = torch.arange(targets.shape[1], device=targets.device).unsqueeze(0)
-        # target position p predicts token p+1: completion tokens start at index prompt_length
+        positions = torch.arange(start, length - 1, device=targets.device).unsqueeze(0)
+        # position p predicts token p+1: completion tokens start at index prompt_length
         mask = (positions >= (prompt_lengths.to(targets.device).unsqueeze(1) - 1)) & \
-            inputs["attention_mask"][:, 1:].bool()
+            inputs["attention_mask"][:, start + 1:].bool()
         sums = (token_logps * mask).sum(dim=1).cpu()
         for j, i in enumerate(batch):
             out[i] = sums[j]
@@ -91,7 +108,7 @@ def sample_answers(model, processor, items: list[dict], n: int, *, temperature: 
     torch.manual_seed(seed)
     expanded = [i for i in range(len(items)) for _ in range(repeats)]
     flat = [items[i] for i in expanded]
-    for batch in _groups(flat, batch_size):
+    for batch in _groups(flat, batch_size, processor):
         prompts = [processor.apply_chat_template(flat[j]["prompt"], add_generation_prompt=True) for j in batch]
         inputs = _processor_batch(processor, prompts, [flat[j]["images"] for j in batch], "left")
         inputs = {k: v.to(model.device) for k, v in inputs.items()}

@@ -194,6 +194,43 @@ def test_gradient_checkpointing_trains_the_lora(voted_dir, tmp_path):
     assert registry.show(result.version)["hyperparameters"]["gradient_checkpointing"] == "on"
 
 
+def test_completion_logps_in_batches_match_one_at_a_time_with_full_logits(demo_engine):
+    """The batched scorer (logits only from the earliest completion token on, batches bounded by
+    prompt tokens) gives each answer the log-probability a plain full-logits forward gives it alone."""
+    import random
+
+    import torch
+
+    from chatapp import modelops, shapes
+
+    model, processor = demo_engine.model, demo_engine.processor
+    rng = random.Random(3)
+    items = []
+    for i in range(6):
+        example = shapes.random_example(rng, ("color", "count", "describe")[i % 3])
+        items.append({"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example.question}]}],
+                      "images": [shapes.render(example.scene)], "completion": example.answer})
+    items.append({"prompt": [{"role": "user", "content": [{"type": "text", "text": "Hello! What can you do?"}]}],
+                  "images": [], "completion": "I answer questions about shapes."})
+    batched = modelops.completion_logps(model, processor, items, batch_size=4)
+    for item, value in zip(items, batched):
+        template = processor.apply_chat_template
+        prompt = template(item["prompt"], add_generation_prompt=True)
+        full = template(item["prompt"] + [{"role": "assistant", "content": [{"type": "text", "text": item["completion"]}]}])
+        images = [item["images"]] if item["images"] else None
+        n_prompt = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
+        inputs = processor(text=[full], images=images, return_tensors="pt")
+        with torch.inference_mode():
+            logps = torch.log_softmax(model(**inputs).logits.float()[0, :-1], dim=-1)
+        ids = inputs["input_ids"][0, 1:]
+        expected = logps[torch.arange(len(ids)), ids][n_prompt - 1:].sum()
+        assert float(value) == pytest.approx(float(expected), abs=1e-3)
+    # a long prompt gets small batches
+    long = [{"prompt": [{"role": "user", "content": [{"type": "text", "text": "red " * 1500}]}], "images": []}] * 5
+    sizes = [len(b) for b in modelops._groups(long, 32, processor)]
+    assert sum(sizes) == 5 and max(sizes) <= max(1, modelops.BATCH_TOKENS // 1500)
+
+
 def test_the_gate_asks_for_an_auc_above_chance():
     """The p-value of a held-out AUC matches what random votes do (a permutation count), and the
     gate's verdict names both bars."""
