@@ -175,7 +175,6 @@ class Data:
     held_prompts: list[dict]  # prompts of held-out rated answers (for the gate's sampled check)
     temperature: float  # the sampling temperature the candidate is trained and judged for
 
-
     def summary(self) -> dict:
         return {"kto_train": len(self.kto_train), "kto_held_out": len(self.kto_held),
                 "dpo_train": len(self.dpo_train), "dpo_held_out": len(self.dpo_held),

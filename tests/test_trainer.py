@@ -270,6 +270,23 @@ def test_the_votes_temperature_is_what_the_candidate_is_trained_for(voted_dir):
         TrainSettings(temperature=0).validate()
 
 
+def test_sft_at_a_temperature_takes_its_loss_on_the_divided_logits(voted_dir, tmp_path):
+    """SFT for temperature 2 starts from a higher loss than at 1 on the same rows (the demo model's
+    own answers are its likely tokens, which dividing the logits makes less likely; measured 0.23 ->
+    0.30), and the run records the temperature."""
+    first_losses = {}
+    for temperature in (1.0, 2.0):
+        data = copy_dir(voted_dir, tmp_path / f"t{temperature}")
+        store = Store(data)
+        result = train(store, Registry.for_data_dir(data), "demo",
+                       TrainSettings(method="sft", start_from="base", max_steps=1, batch_size=8, min_rows=10,
+                                     temperature=temperature, publish="never", learning_rate=1e-9), log=lambda m: None)
+        points = [p for p in store.run_points(result.run_id) if p["name"] == "loss"]
+        first_losses[temperature] = points[0]["value"]
+        assert result.metrics["data"]["temperature"] == temperature
+    assert first_losses[2.0] > 1.1 * first_losses[1.0] > 0
+
+
 def test_cpu_training_scores_only_labelled_positions_with_the_same_log_probs():
     """The trainer has TRL's fused LM head project only the positions with a label on the CPU (the
     prompt's image positions are most of a real model's training memory); the per-token
