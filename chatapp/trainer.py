@@ -380,11 +380,8 @@ def _score_labelled_positions_only():
     and backward, for the ~10 completion tokens that have labels: ~1 GB of a step's peak memory
     (bench/training.py). Eager CPU kernels do not recompile, so labelled positions alone are scored
     there too; the log-probabilities are the same (tests/test_trainer.py)."""
-    try:
-        from trl.trainer import utils as trl_utils
-    except ImportError:  # pragma: no cover - TRL always has it at the pinned version
-        yield
-        return
+    from trl.trainer import utils as trl_utils
+
     original = getattr(trl_utils, "_use_triton", None)
     if original is None:  # another TRL layout: leave it alone
         yield
