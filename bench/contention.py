@@ -132,7 +132,7 @@ def _add(total: dict | None, seconds: dict) -> dict:
 
 def _conversations(n: int) -> list[list[dict]]:
     """The same n conversations (one image and a question) for every condition."""
-    from chatapp import shapes
+    from chatapp.demo import shapes
 
     return [[{"role": "user", "content": [{"type": "image", "image": shapes.render(shapes.random_scene(random.Random(i)))},
                                           {"type": "text", "text": QUESTION}]}] for i in range(n)]
@@ -140,7 +140,7 @@ def _conversations(n: int) -> list[list[dict]]:
 
 def stream_reply(engine, messages: list[dict], tokens: int) -> tuple[list[float], float]:
     """One greedy reply of exactly `tokens` tokens: (inter-token gaps in s, time to first token in s)."""
-    from chatapp import config
+    from chatapp.core import config
 
     params = config.validate_generation(temperature=0, max_new_tokens=tokens)
     started = time.perf_counter()
@@ -177,9 +177,9 @@ class Condition:
 
 def build_data(root: Path, chats: int) -> dict:
     """A data dir with `chats` sampled shapes chats from 5 users, voted by the terse-and-correct rule."""
-    from chatapp import simulate
-    from chatapp.engine import Engine
-    from chatapp.store import Store
+    from chatapp.learning import simulate
+    from chatapp.serving.engine import Engine
+    from chatapp.feedback.store import Store
 
     engine = Engine.load("demo")
     store = Store(root)
@@ -215,7 +215,7 @@ class Trainer:
         self.started = time.perf_counter()
 
     def _runs(self) -> list[dict]:
-        from chatapp.store import Store
+        from chatapp.feedback.store import Store
 
         if self.store is None:
             self.store = Store(self.data)
@@ -296,7 +296,7 @@ def interleaved(engine, conversations: list, tokens: int, data: Path, run: dict,
 def bench_model(name: str, path: str, data: Path, run: dict) -> dict:
     import torch
 
-    from chatapp.engine import Engine
+    from chatapp.serving.engine import Engine
 
     t0 = time.perf_counter()
     engine = Engine.load(path)
@@ -392,7 +392,7 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from chatapp import demo_model
+    from chatapp.demo import demo_model
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

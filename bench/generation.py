@@ -27,8 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatapp import config, demo_model, shapes  # noqa: E402
-from chatapp.engine import Engine  # noqa: E402
+from chatapp.core import config  # noqa: E402
+from chatapp.demo import demo_model, shapes
+from chatapp.serving.engine import Engine  # noqa: E402
 
 CACHE = ROOT / "bench" / "cache"
 

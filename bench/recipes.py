@@ -2,7 +2,7 @@
 
 Logs chats (answers sampled at temperature 1) from 5 simulated users on the demo model, votes the
 first 200 answers up when they are in the liked style and correct, down otherwise, then trains
-each recipe through the product's trainer (`chatapp.trainer.train`, from the base) and measures, on
+each recipe through the product's trainer (`chatapp.learning.trainer.train`, from the base) and measures, on
 300 held-out questions, the liked style's share of answers sampled at temperature 1 and greedy
 accuracy, plus the gate's decision and the run's wall time.
 
@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from chatapp import simulate  # noqa: E402
-from chatapp.adapters import Registry  # noqa: E402
-from chatapp.engine import Engine  # noqa: E402
-from chatapp.store import Store  # noqa: E402
-from chatapp.trainer import TrainSettings, train  # noqa: E402
+from chatapp.learning import simulate  # noqa: E402
+from chatapp.learning.adapters import Registry  # noqa: E402
+from chatapp.serving.engine import Engine  # noqa: E402
+from chatapp.feedback.store import Store  # noqa: E402
+from chatapp.learning.trainer import TrainSettings, train  # noqa: E402
 
 RECIPES = {
     "rs": {},  # the default (auto) recipe: two rounds, 4-, 8- and 12-epoch candidates, the gate picks

@@ -126,8 +126,9 @@ def child_imports(args) -> None:
 def child_serve(args) -> None:
     import random
 
-    from chatapp import config, shapes
-    from chatapp.engine import Engine
+    from chatapp.core import config
+    from chatapp.demo import shapes
+    from chatapp.serving.engine import Engine
 
     engine = Engine.load(args.model)
     loaded = rss_mb()
@@ -160,8 +161,9 @@ class _Progress:
 def child_chatapp(args) -> None:
     import torch
 
-    from chatapp import prefs, trainer
-    from chatapp.store import Store
+    from chatapp.feedback import prefs
+    from chatapp.learning import trainer
+    from chatapp.feedback.store import Store
 
     settings = trainer.TrainSettings(method=args.method, start_from="base", max_steps=args.steps, batch_size=args.batch,
                                      max_length=args.max_length, threads=args.threads, grad_accum=args.grad_accum,
@@ -239,7 +241,7 @@ def measure_server(model: str, replies: int, timeout: float = 900) -> dict:
 
     from gradio_client import Client, handle_file
 
-    from chatapp import shapes
+    from chatapp.demo import shapes
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -293,7 +295,7 @@ def run_child(kind: str, model: str, *, data: Path | None = None, method: str = 
               batch: int = 4, threads: int = 1, max_length: int = 2048, replies: int = 3,
               grad_accum: int = 1, checkpointing: str = "auto", timeout: float = 3600) -> dict:
     if kind == "plain":  # the plain path takes a folder ("demo" is the product's name for one)
-        from chatapp.engine import resolve_model_path
+        from chatapp.serving.engine import resolve_model_path
 
         model = resolve_model_path(model)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--model", model,
@@ -315,9 +317,10 @@ def run_child(kind: str, model: str, *, data: Path | None = None, method: str = 
 def build_data(root: Path) -> dict:
     """Stores for KTO (terse-and-correct votes) and SFT (all voted up), and their rows as JSON for
     the plain path (the same rows, read back without chatapp code)."""
-    from chatapp import prefs, simulate
-    from chatapp.engine import Engine
-    from chatapp.store import Store
+    from chatapp.feedback import prefs
+    from chatapp.learning import simulate
+    from chatapp.serving.engine import Engine
+    from chatapp.feedback.store import Store
 
     engine = Engine.load("demo")
     kto_store = Store(root / "kto")
@@ -446,7 +449,7 @@ def main() -> None:
     if args.child:
         CHILDREN[args.child](args)
         return
-    from chatapp import demo_model
+    from chatapp.demo import demo_model
 
     if args.threads is None:
         cores = os.cpu_count() or 1

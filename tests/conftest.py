@@ -22,7 +22,7 @@ ARTIFACTS = ROOT / "artifacts"
 
 @pytest.fixture(scope="session")
 def demo_engine():
-    from chatapp.engine import Engine
+    from chatapp.serving.engine import Engine
 
     return Engine.load("demo")
 

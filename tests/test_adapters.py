@@ -1,4 +1,4 @@
-"""The adapter registry (chatapp.adapters) with real peft adapters on the demo model: versions,
+"""The adapter registry (chatapp.learning.adapters) with real peft adapters on the demo model: versions,
 the active pointer and rollback, loading a version with plain peft, validation against the base
 model's fingerprint, SIGKILL at every step of publishing, and the `adapters` command."""
 import argparse
@@ -19,10 +19,11 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from chatapp import adapters, shapes
-from chatapp.adapters import AdapterError, Registry, base_fingerprint
-from chatapp.engine import Engine
-from chatapp.errors import EngineError
+from chatapp.learning import adapters
+from chatapp.demo import shapes
+from chatapp.learning.adapters import AdapterError, Registry, base_fingerprint
+from chatapp.serving.engine import Engine
+from chatapp.core.errors import EngineError
 from conftest import ROOT, subprocess_env
 
 TARGETS = r".*text_model.*\.(q_proj|v_proj)"
@@ -301,7 +302,7 @@ def test_publish_refuses_pickle_weights_and_incomplete_folders(demo, tmp_path):
 
 CHILD = textwrap.dedent("""
     import json, sys
-    from chatapp.adapters import Registry
+    from chatapp.learning.adapters import Registry
     registry = Registry(sys.argv[1])
     if sys.argv[2] == "publish":
         print(registry.publish(sys.argv[3], json.loads(sys.argv[4]), activate=True))

@@ -12,9 +12,9 @@ import zlib
 import pytest
 from PIL import Image
 
-from chatapp import shapes
-from chatapp.store import Store
-from chatapp.users import MAX_FAILED_LOGINS, Users, check_bind, check_password, hash_password
+from chatapp.demo import shapes
+from chatapp.feedback.store import Store
+from chatapp.web.users import MAX_FAILED_LOGINS, Users, check_bind, check_password, hash_password
 from conftest import ROOT, subprocess_env
 from test_ui import start_server, stop_server
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from chatapp import shapes
+from chatapp.demo import shapes
 from conftest import ROOT, subprocess_env
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from chatapp import config
-from chatapp.config import ParameterError, validate_generation
+from chatapp.core import config
+from chatapp.core.config import ParameterError, validate_generation
 
 
 def test_defaults_are_valid():

@@ -4,8 +4,9 @@ import hashlib
 import pytest
 from safetensors.torch import load_file
 
-from chatapp import config, demo_model, shapes
-from chatapp.engine import Engine
+from chatapp.core import config
+from chatapp.demo import demo_model, shapes
+from chatapp.serving.engine import Engine
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,10 @@ import time
 
 import pytest
 
-from chatapp import config, shapes
-from chatapp.config import ParameterError, validate_generation
-from chatapp.engine import Engine, ModelLoadError, StopSignal, load_for_serving
+from chatapp.core import config
+from chatapp.demo import shapes
+from chatapp.core.config import ParameterError, validate_generation
+from chatapp.serving.engine import Engine, ModelLoadError, StopSignal, load_for_serving
 
 GREEDY = validate_generation(temperature=0, max_new_tokens=48)
 

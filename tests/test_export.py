@@ -1,4 +1,4 @@
-"""Feedback export (chatapp.prefs + chatapp.export): a realistic store, the exact rows, and one TRL step
+"""Feedback export (chatapp.feedback.prefs + chatapp.feedback.export): a realistic store, the exact rows, and one TRL step
 (KTO, DPO, SFT) on each exported file as it is, through the one documented load call."""
 import argparse
 import io
@@ -8,9 +8,11 @@ import random
 
 import pytest
 
-from chatapp import config, export, prefs, shapes
-from chatapp.images import load_image
-from chatapp.store import Store
+from chatapp.core import config
+from chatapp.feedback import export, prefs
+from chatapp.demo import shapes
+from chatapp.feedback.images import load_image
+from chatapp.feedback.store import Store
 
 SYSTEM = "You answer questions about images."
 HELLO_ANSWER = shapes.answer("capabilities", "terse", None)

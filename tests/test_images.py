@@ -3,8 +3,8 @@ import io
 import pytest
 from PIL import Image
 
-from chatapp import images
-from chatapp.images import ImageError, load_image
+from chatapp.feedback import images
+from chatapp.feedback.images import ImageError, load_image
 
 
 def png_bytes(size=(32, 24), color="red", **save) -> bytes:

@@ -25,9 +25,10 @@ from datetime import datetime
 
 import pytest
 
-from chatapp import shapes, simulate
-from chatapp.adapters import Registry
-from chatapp.store import Store
+from chatapp.demo import shapes
+from chatapp.learning import simulate
+from chatapp.learning.adapters import Registry
+from chatapp.feedback.store import Store
 from test_ui import start_server, stop_server
 
 TRAIN_AFTER = 200

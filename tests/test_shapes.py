@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from chatapp import shapes
+from chatapp.demo import shapes
 
 
 def test_scenes_follow_the_rules(rng):

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from chatapp import demo_model, shapes
-from chatapp.config import validate_generation
-from chatapp.engine import Engine
+from chatapp.demo import demo_model, shapes
+from chatapp.core.config import validate_generation
+from chatapp.serving.engine import Engine
 
 
 @pytest.fixture(scope="module")

@@ -41,9 +41,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from sqlite_utils import Database
 
-from chatapp.images import load_image
-from chatapp.migrations import migrations
-from chatapp.store import DB_NAME, Store
+from chatapp.feedback.images import load_image
+from chatapp.feedback.migrations import migrations
+from chatapp.feedback.store import DB_NAME, Store
 from conftest import ROOT, subprocess_env
 
 FIRST_MIGRATION = "m001_initial"
@@ -176,7 +176,7 @@ PROCESSES, PROCESS_UNITS, HOLD_S = 4, 300, 1.0
 WRITER = """
     import sys, time
     from pathlib import Path
-    from chatapp.store import Store
+    from chatapp.feedback.store import Store
 
     data_dir, name, units, shared = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     Path(data_dir, f"ready-{name}").touch()
@@ -237,7 +237,7 @@ def test_processes_writing_at_once_wait_for_each_other(tmp_path):
 KILLED_WRITER = """
     import sys, time
     from PIL import Image
-    from chatapp.store import Store
+    from chatapp.feedback.store import Store
 
     data_dir, run, hold_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
     store = Store(data_dir)
@@ -428,7 +428,7 @@ def test_reopening_a_store_applies_no_migration_again(tmp_path):
 OPENER = """
     import sys, time
     from pathlib import Path
-    from chatapp.store import Store
+    from chatapp.feedback.store import Store
 
     data_dir, name = sys.argv[1], sys.argv[2]
     Path(data_dir).parent.joinpath(f"ready-{name}").touch()

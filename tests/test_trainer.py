@@ -10,13 +10,14 @@ import time
 
 import pytest
 
-from chatapp import prefs, simulate
-from chatapp.adapters import Registry
-from chatapp.chat import ChatService
-from chatapp.config import validate_generation
-from chatapp.store import Store
-from chatapp.trainer import NotEnoughFeedback, TrainSettings, TrainingBusy, run_lock, train
-from chatapp.users import LOCAL
+from chatapp.feedback import prefs
+from chatapp.learning import simulate
+from chatapp.learning.adapters import Registry
+from chatapp.web.chat import ChatService
+from chatapp.core.config import validate_generation
+from chatapp.feedback.store import Store
+from chatapp.learning.trainer import NotEnoughFeedback, TrainSettings, TrainingBusy, run_lock, train
+from chatapp.web.users import LOCAL
 from conftest import ROOT, subprocess_env
 
 USERS = [f"user{i}" for i in range(5)]
@@ -92,7 +93,7 @@ def test_too_little_feedback_is_refused_clearly(tmp_path, demo_engine):
     (dict(grad_accum=0), "grad accum must be between 1 and 256"),
 ])
 def test_bad_settings_are_refused_before_anything_runs(tmp_path, bad, message):
-    from chatapp.errors import RequestError
+    from chatapp.core.errors import RequestError
 
     store = Store(tmp_path)
     with pytest.raises(RequestError, match=message):
@@ -104,7 +105,7 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path, bad, message):
 def test_the_training_process_yields_the_cpu_to_the_chat(priority, policy):
     """limit_resources in a fresh process: 1 thread on this 2-core machine, nice 10, and SCHED_IDLE
     unless asked for nice only (what bench/contention.py measured)."""
-    code = ("import os, torch; from chatapp.trainer import limit_resources; "
+    code = ("import os, torch; from chatapp.learning.trainer import limit_resources; "
             f"t = limit_resources(None, {priority!r}); "
             "print(t, torch.get_num_threads(), os.nice(0), os.sched_getscheduler(0))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -135,8 +136,8 @@ def test_a_run_is_recorded_published_and_tags_answers(voted_dir, tmp_path, demo_
     registry.activate("v1", force=True)
 
     # the server answers with the active adapter; every answer records the version that produced it
-    from chatapp.__main__ import activate_adapter
-    from chatapp.engine import Engine
+    from chatapp.learning.adapters import activate_adapter
+    from chatapp.serving.engine import Engine
 
     engine = Engine.load("demo")
     assert activate_adapter(engine, data, None) == "v1"
@@ -201,7 +202,8 @@ def test_completion_logps_in_batches_match_one_at_a_time_with_full_logits(demo_e
 
     import torch
 
-    from chatapp import modelops, shapes
+    from chatapp.learning import modelops
+    from chatapp.demo import shapes
 
     model, processor = demo_engine.model, demo_engine.processor
     rng = random.Random(3)
@@ -236,7 +238,7 @@ def test_the_gate_asks_for_an_auc_above_chance():
     gate's verdict names both bars."""
     import random
 
-    from chatapp import gate
+    from chatapp.learning import gate
 
     rng = random.Random(0)
     scores = [rng.random() for _ in range(47)]
@@ -258,7 +260,7 @@ def test_the_gate_asks_for_an_auc_above_chance():
 def test_the_votes_temperature_is_what_the_candidate_is_trained_for(voted_dir):
     """The rated answers were sampled at temperature 1 (simulate.log_chats): that is the temperature
     the candidate is trained and judged for, unless the settings name one."""
-    from chatapp.trainer import prepare_data
+    from chatapp.learning.trainer import prepare_data
 
     rows = prefs.kto_rows(Store(voted_dir))
     assert {p["temperature"] for p in rows.provenance} == {1.0}
@@ -295,7 +297,9 @@ def test_cpu_training_scores_only_labelled_positions_with_the_same_log_probs():
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl.trainer import utils as trl_utils
 
-    from chatapp import engine, shapes, trainer
+    from chatapp.serving import engine
+    from chatapp.demo import shapes
+    from chatapp.learning import trainer
 
     path = engine.resolve_model_path("demo")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
@@ -339,9 +343,9 @@ def test_one_run_at_a_time(tmp_path):
 
 TRAIN_CHILD = r"""
 import sys
-from chatapp.adapters import Registry
-from chatapp.store import Store
-from chatapp.trainer import TrainSettings, train
+from chatapp.learning.adapters import Registry
+from chatapp.feedback.store import Store
+from chatapp.learning.trainer import TrainSettings, train
 data = sys.argv[1]
 settings = TrainSettings(method="kto", start_from="base", max_steps=int(sys.argv[2]), batch_size=4, min_rows=10,
                          publish="always")
@@ -383,10 +387,10 @@ def test_kill_9_never_breaks_the_active_adapter(voted_dir, tmp_path, kill_at, de
     registry = Registry.for_data_dir(data)
     active = registry.active()
     assert active == "v1"  # every kill point is before the pointer is replaced
-    from chatapp.adapters import base_fingerprint
+    from chatapp.learning.adapters import base_fingerprint
 
     path = registry.validate(active, base_fingerprint(demo_engine.model))
-    PeftModel.from_pretrained(__import__("chatapp.engine", fromlist=["Engine"]).Engine.load("demo").model, str(path))
+    PeftModel.from_pretrained(__import__("chatapp.serving.engine", fromlist=["Engine"]).Engine.load("demo").model, str(path))
     assert all(v.startswith("v") for v in registry.versions())
     again = train(store, registry, "demo", TrainSettings(**QUICK, publish="always"), log=lambda m: None)
     runs = {r["id"]: r for r in store.runs()}

@@ -10,11 +10,11 @@ import urllib.request
 import gradio as gr
 import pytest
 
-from chatapp import shapes
-from chatapp.chat import ChatService
-from chatapp.store import Store
-from chatapp.ui import ChatPage, PageState, render
-from chatapp.users import Users
+from chatapp.demo import shapes
+from chatapp.web.chat import ChatService
+from chatapp.feedback.store import Store
+from chatapp.web.ui import ChatPage, PageState, render
+from chatapp.web.users import Users
 from conftest import ROOT, free_port, subprocess_env
 
 @pytest.fixture

@@ -18,11 +18,11 @@ import shutil
 
 import pytest
 
-from chatapp import simulate
-from chatapp.adapters import Registry
-from chatapp.engine import Engine
-from chatapp.store import Store
-from chatapp.trainer import TrainSettings, train
+from chatapp.learning import simulate
+from chatapp.learning.adapters import Registry
+from chatapp.serving.engine import Engine
+from chatapp.feedback.store import Store
+from chatapp.learning.trainer import TrainSettings, train
 
 USERS = [f"user{i}" for i in range(5)]
 LOGGED, VOTES = 600, 200

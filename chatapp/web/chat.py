@@ -17,12 +17,13 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from . import ab, config
-from .config import GenerationParams
-from .errors import AccessDenied, RequestError
-from .images import load_image
-from .store import PICKS, Store
-from .users import User
+from chatapp.learning import ab
+from chatapp.core import config
+from chatapp.core.config import GenerationParams
+from chatapp.core.errors import AccessDenied, RequestError
+from chatapp.feedback.images import load_image
+from chatapp.feedback.store import PICKS, Store
+from chatapp.web.users import User
 
 VOTE_CHOICES = ("up", "down", "none")
 LIVE = object()  # the adapter version the engine answers with when the answer starts
@@ -301,7 +302,7 @@ class ChatService:
             return None
         if self.registry is None:
             raise RequestError("this server has no adapter registry")
-        from .adapters import AdapterError
+        from chatapp.learning.adapters import AdapterError
 
         try:
             return self.registry.show(text)["version"]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
-from .migrations import migrations
+from chatapp.feedback.migrations import migrations
 
 DB_NAME = "chatapp.db"
 IMAGES_DIR = "images"

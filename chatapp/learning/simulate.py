@@ -12,8 +12,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from . import config, modelops, shapes
-from .images import load_image
+from chatapp.core import config
+from chatapp.learning import modelops
+from chatapp.demo import shapes
+from chatapp.feedback.images import load_image
 
 QUESTION_MIX = ("color", "count", "shapes", "exists", "describe", "color", "count", "exists")
 

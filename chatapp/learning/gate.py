@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import modelops
+from chatapp.learning import modelops
 
 PROBE_SEED = 424242
 
@@ -119,7 +119,7 @@ def preference_metrics(model, processor, kto_rows: list[dict], dpo_rows: list[di
 
 def demo_probe(per_type: int) -> list[dict]:
     """Fixed shapes questions (the same images every run) with their examples for grading."""
-    from . import demo_model
+    from chatapp.demo import demo_model
 
     probe = []
     for example, image in demo_model.held_out_examples(PROBE_SEED, per_type):
@@ -147,7 +147,7 @@ def jsonl_probe(path: str) -> list[dict]:
 
 
 def probe_accuracy(model, processor, probe: list[dict], policy: str | None) -> float:
-    from . import shapes
+    from chatapp.demo import shapes
 
     with modelops.adapter(model, policy):
         answers = modelops.sample_answers(model, processor, probe, 1, temperature=0)

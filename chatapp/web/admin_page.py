@@ -15,10 +15,11 @@ import html
 import gradio as gr
 import pandas as pd
 
-from . import ab, config
-from .admin import EXPORT_FORMATS, AdminService
-from .api import as_gradio_errors, caller
-from .users import Users
+from chatapp.learning import ab
+from chatapp.core import config
+from chatapp.web.admin import EXPORT_FORMATS, AdminService
+from chatapp.web.api import as_gradio_errors, caller
+from chatapp.web.users import Users
 
 STATUS_EVERY_S = 1.0  # the progress bar and the curves
 TABLES_EVERY_S = 3.0  # runs, adapters, statistics, A/B standing

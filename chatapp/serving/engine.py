@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from . import config
-from .config import GenerationParams, ParameterError
-from .errors import EngineError, ModelLoadError  # noqa: F401 (re-exported)
+from chatapp.core import config
+from chatapp.core.config import GenerationParams, ParameterError
+from chatapp.core.errors import EngineError, ModelLoadError  # noqa: F401 (re-exported)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")

@@ -45,7 +45,7 @@ class WatchSettings:
     poll_s: float = DEFAULT_POLL_S
 
     def validate(self) -> "WatchSettings":
-        from .errors import RequestError
+        from chatapp.core.errors import RequestError
 
         if self.train_after < 1:
             raise RequestError(f"--train-after must be at least 1, got {self.train_after}")
@@ -84,9 +84,9 @@ def due(store, settings: WatchSettings) -> tuple[str | None, str]:
 def watch(data_dir, model_name: str | None, train_settings, settings: WatchSettings, log=print,
           stop: threading.Event | None = None) -> None:
     """The loop of `train --watch`: poll, train when due, repeat until `stop` or the parent is gone."""
-    from .adapters import Registry
-    from .store import Store
-    from .trainer import NotEnoughFeedback, TrainingBusy, train
+    from chatapp.learning.adapters import Registry
+    from chatapp.feedback.store import Store
+    from chatapp.learning.trainer import NotEnoughFeedback, TrainingBusy, train
 
     store, registry = Store(data_dir), Registry.for_data_dir(data_dir)
     stop = stop or threading.Event()
@@ -180,7 +180,11 @@ class TrainerSupervisor:
         self.starts += 1
         self.log(f"chatapp: background trainer started (log: {self.data_dir / TRAINER_LOG}): "
                  f"{shlex.join(self.command[1:])}")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The child must import this very chatapp, wherever the server was started from and whether or
+        # not the package is installed: put the folder that holds it first on its path.
+        package_parent = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
         try:
             return subprocess.Popen(self.command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, preexec_fn=_die_with_parent, cwd=os.getcwd())
@@ -188,7 +192,7 @@ class TrainerSupervisor:
             log_file.close()
 
     def _run(self) -> None:
-        from .store import Store
+        from chatapp.feedback.store import Store
 
         store = Store(self.data_dir)
         quick_deaths = 0

@@ -16,13 +16,13 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import ab
-from .adapters import AdapterError
-from .chat import AB_SETTING, ChatService
-from .errors import RequestError
-from .store import now as store_now
-from .users import User
-from .watcher import TRAINER_SETTING
+from chatapp.learning import ab
+from chatapp.learning.adapters import AdapterError
+from chatapp.web.chat import AB_SETTING, ChatService
+from chatapp.core.errors import RequestError
+from chatapp.feedback.store import now as store_now
+from chatapp.web.users import User
+from chatapp.learning.watcher import TRAINER_SETTING
 
 EXPORT_FORMATS = ("kto", "dpo", "sft")
 
@@ -113,7 +113,7 @@ class AdminService:
         self._admin(user)
         if fmt not in EXPORT_FORMATS:
             raise RequestError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-        from . import export
+        from chatapp.feedback import export
 
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         folder = Path(tempfile.mkdtemp(prefix="chatapp-export-"))

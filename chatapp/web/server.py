@@ -16,16 +16,16 @@ import atexit
 import shlex
 import sys
 
-from . import config
-from .images import MAX_IMAGE_BYTES
-from .store import IMAGES_DIR, Store
-from .users import Users, check_bind
+from chatapp.core import config
+from chatapp.feedback.images import MAX_IMAGE_BYTES
+from chatapp.feedback.store import IMAGES_DIR, Store
+from chatapp.web.users import Users, check_bind
 
 
 def serve(args) -> int:
-    from .chat import ChatService
-    from .engine import load_for_serving
-    from .ui import build_app
+    from chatapp.web.chat import ChatService
+    from chatapp.serving.engine import load_for_serving
+    from chatapp.web.ui import build_app
 
     data = config.data_dir(args.data_dir)
     data.mkdir(parents=True, exist_ok=True)
@@ -36,11 +36,10 @@ def serve(args) -> int:
                               quantization=args.quantize)
     if loaded.notice:
         print(f"notice: {loaded.notice}", file=sys.stderr)
-    from .__main__ import activate_adapter
-    from .adapters import Registry, base_fingerprint
-    from .admin import AdminService
-    from .hotswap import ActiveFollower
-    from .watcher import TrainerSupervisor
+    from chatapp.learning.adapters import Registry, activate_adapter, base_fingerprint
+    from chatapp.web.admin import AdminService
+    from chatapp.serving.hotswap import ActiveFollower
+    from chatapp.learning.watcher import TrainerSupervisor
 
     engine = loaded.engine
     registry = Registry.for_data_dir(data)

@@ -19,12 +19,12 @@ from typing import Iterator
 import gradio as gr
 from gradio.data_classes import FileData
 
-from . import config
-from .chat import ChatService
-from .config import ParameterError
-from .errors import AccessDenied, EngineError, RequestError
-from .images import ImageError
-from .users import UserError, Users
+from chatapp.core import config
+from chatapp.web.chat import ChatService
+from chatapp.core.config import ParameterError
+from chatapp.core.errors import AccessDenied, EngineError, RequestError
+from chatapp.feedback.images import ImageError
+from chatapp.web.users import UserError, Users
 
 USER_ERRORS = (RequestError, AccessDenied, ParameterError, ImageError, EngineError, UserError)
 

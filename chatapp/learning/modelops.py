@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .images import load_image
+from chatapp.feedback.images import load_image
 
 
 def load_images(paths: list[str]) -> list:

@@ -32,8 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import config
-from .prefs import COLUMNS, FORMATS, image_sha, rows as build_rows
+from chatapp.core import config
+from chatapp.feedback.prefs import COLUMNS, FORMATS, image_sha, rows as build_rows
 
 MANIFEST = "export.json"
 IMAGES_DIR = "images"
@@ -179,7 +179,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """The `export` command: one summary line per format on stdout; a user mistake exits 2 with one line."""
-    from .store import DB_NAME, Store
+    from chatapp.feedback.store import DB_NAME, Store
 
     try:
         data_dir = config.data_dir(args.data_dir)

@@ -39,8 +39,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import config, prefs
-from .errors import RequestError
+from chatapp.core import config
+from chatapp.feedback import prefs
+from chatapp.core.errors import RequestError
 
 METHODS = ("auto", "rs", "kto", "dpo", "sft")
 DEFAULT_LR = {"rs": 2e-3, "kto": 1e-3, "dpo": 1e-3, "sft": 2e-3, "scorer": 1e-3}
@@ -424,7 +425,7 @@ def _steps(rows: int, settings: TrainSettings, epochs: int) -> int:
 # ---------------------------------------------------------------- the run
 
 def _load_base(model_name: str | None, settings: TrainSettings):
-    from .engine import Engine, load_for_serving
+    from chatapp.serving.engine import Engine, load_for_serving
 
     if settings.quantize:
         import torch
@@ -479,7 +480,7 @@ def train(store, registry, model_name: str | None = None, settings: TrainSetting
 
 
 def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResult:
-    from . import adapters, gate
+    from chatapp.learning import adapters, gate
 
     for stale in store.fail_stale_runs():
         log(f"train: run {stale} had died; marked failed")
@@ -558,7 +559,8 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
 
 
 def _probe(engine, settings: TrainSettings) -> list[dict]:
-    from . import config, gate
+    from chatapp.core import config
+    from chatapp.learning import gate
 
     if settings_regression := getattr(settings, "regression_set", None):
         return gate.jsonl_probe(settings_regression)
@@ -603,7 +605,7 @@ def _rename_adapter(model, old: str, new: str) -> None:
 
 
 def _rejection_sampling(base, processor, data: Data, settings: TrainSettings, progress: Progress, live_path):
-    from . import modelops
+    from chatapp.learning import modelops
 
     # 1. the scorer: KTO on the votes (reference: the base, adapters disabled)
     progress.phase = "training the scorer (kto)"
@@ -618,7 +620,7 @@ def _rejection_sampling(base, processor, data: Data, settings: TrainSettings, pr
                     "completion": r["completion"][0]["content"][0]["text"], "label": r["label"]}
                    for r in data.kto_train.rows]
     progress.start("scoring the votes", 0)
-    from . import gate
+    from chatapp.learning import gate
 
     train_rewards = gate.rewards(model, processor, train_items, "scorer")
     liked = train_rewards[[i for i, it in enumerate(train_items) if it["label"]]]
@@ -681,7 +683,7 @@ def _best_of_n(model, processor, prompts: list[dict], stored_prompts: list[dict]
                settings: TrainSettings, progress: Progress, of_rounds: str = "") -> tuple[list[dict], dict]:
     """Sample `best_of` answers per prompt from adapter `policy` (None: the base), score them with the
     "scorer" adapter, and keep per prompt the best answer whose reward clears `threshold`."""
-    from . import modelops
+    from chatapp.learning import modelops
 
     progress.start(f"sampling {settings.best_of} answers to {len(prompts)} prompts{of_rounds}",
                    len(prompts) * settings.best_of)

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field, replace
 
 import gradio as gr
 
-from . import config
-from .api import as_gradio_errors, caller, register
-from .chat import ChatService
-from .errors import RequestError
-from .users import Users
+from chatapp.core import config
+from chatapp.web.api import as_gradio_errors, caller, register
+from chatapp.web.chat import ChatService
+from chatapp.core.errors import RequestError
+from chatapp.web.users import Users
 
 TITLE = "chatapp"
 LIKE, DISLIKE = "Like", "Dislike"
@@ -308,7 +308,7 @@ class ChatPage:
     # ------------------------------------------------------------ layout
 
     def build(self, model_id: str, notice: str | None = None, admin=None) -> gr.Blocks:
-        from . import admin_page
+        from chatapp.web import admin_page
 
         with gr.Blocks(title=TITLE) as app:
             register(self.service, self.users)  # first, so the API gets its names before page events do

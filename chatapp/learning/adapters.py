@@ -42,8 +42,8 @@ import sys
 import threading
 from pathlib import Path
 
-from . import config
-from .errors import EngineError
+from chatapp.core import config
+from chatapp.core.errors import EngineError
 
 ADAPTERS_DIR = "adapters"
 METADATA_NAME = "chatapp-adapter.json"
@@ -779,3 +779,16 @@ def run(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def activate_adapter(engine, data_dir, requested: str | None) -> str | None:
+    """Load the adapter `serve`/`ask` should answer with: `requested` (a version or 'none'), else the
+    data dir's active one. Returns the version used (None = base)."""
+    registry = Registry.for_data_dir(data_dir)
+    version = requested if requested is not None else registry.active()
+    if version in (None, "", "none"):
+        return None
+    path = registry.validate(version, base_fingerprint(engine.base_model()))
+    version = path.name
+    engine.use_adapter(version, path)
+    return version

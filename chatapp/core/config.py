@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: chatapp/core/config.py -> ../..
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 DEMO_MODEL_NAME = "demo"
 DEMO_MODEL_DIR = PROJECT_ROOT / "data" / "demo-model"

@@ -1,0 +1,4 @@
+"""The offline demo: the synthetic shapes world and the tiny Idefics3 model trained on it.
+
+Imports only chatapp.core.
+"""
