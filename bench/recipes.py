@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from chatapp.learning import simulate  # noqa: E402
-from chatapp.learning.adapters import Registry  # noqa: E402
+from chatapp.learning.registry import Registry  # noqa: E402
 from chatapp.serving.engine import Engine  # noqa: E402
 from chatapp.feedback.store import Store  # noqa: E402
 from chatapp.learning.trainer import TrainSettings, train  # noqa: E402

@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from chatapp.learning import adapters
+from chatapp.learning import registry as adapters
 from chatapp.core import config
 from chatapp.feedback import export
 
@@ -230,7 +230,7 @@ def _epoch_list(text: str) -> tuple[int, ...]:
 
 
 def cmd_train(args) -> int:
-    from chatapp.learning.adapters import Registry
+    from chatapp.learning.registry import Registry
     from chatapp.feedback.store import Store
     from chatapp.learning.trainer import TrainSettings, train
 
@@ -272,7 +272,7 @@ def cmd_ask(args) -> int:
     content = [{"type": "image", "image": load_image(p)} for p in args.image]
     content.append({"type": "text", "text": args.question})
     engine = _load(args).engine
-    from chatapp.learning.adapters import activate_adapter
+    from chatapp.learning.registry import activate_adapter
 
     activate_adapter(engine, config.data_dir(args.data_dir), args.adapter)
     reply = engine.generate([{"role": "user", "content": content}], params, system_prompt=args.system or None)

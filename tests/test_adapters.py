@@ -1,4 +1,4 @@
-"""The adapter registry (chatapp.learning.adapters) with real peft adapters on the demo model: versions,
+"""The adapter registry (chatapp.learning.registry) with real peft adapters on the demo model: versions,
 the active pointer and rollback, loading a version with plain peft, validation against the base
 model's fingerprint, SIGKILL at every step of publishing, and the `adapters` command."""
 import argparse
@@ -19,9 +19,9 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from chatapp.learning import adapters
+from chatapp.learning import registry as adapters
 from chatapp.demo import shapes
-from chatapp.learning.adapters import AdapterError, Registry, base_fingerprint
+from chatapp.learning.registry import AdapterError, Registry, base_fingerprint
 from chatapp.serving.engine import Engine
 from chatapp.core.errors import EngineError
 from conftest import ROOT, subprocess_env
@@ -302,7 +302,7 @@ def test_publish_refuses_pickle_weights_and_incomplete_folders(demo, tmp_path):
 
 CHILD = textwrap.dedent("""
     import json, sys
-    from chatapp.learning.adapters import Registry
+    from chatapp.learning.registry import Registry
     registry = Registry(sys.argv[1])
     if sys.argv[2] == "publish":
         print(registry.publish(sys.argv[3], json.loads(sys.argv[4]), activate=True))

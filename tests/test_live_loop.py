@@ -27,7 +27,7 @@ import pytest
 
 from chatapp.demo import shapes
 from chatapp.learning import simulate
-from chatapp.learning.adapters import Registry
+from chatapp.learning.registry import Registry
 from chatapp.feedback.store import Store
 from test_ui import start_server, stop_server
 

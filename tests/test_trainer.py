@@ -12,7 +12,7 @@ import pytest
 
 from chatapp.feedback import prefs
 from chatapp.learning import simulate
-from chatapp.learning.adapters import Registry
+from chatapp.learning.registry import Registry
 from chatapp.web.chat import ChatService
 from chatapp.core.config import validate_generation
 from chatapp.feedback.store import Store
@@ -136,7 +136,7 @@ def test_a_run_is_recorded_published_and_tags_answers(voted_dir, tmp_path, demo_
     registry.activate("v1", force=True)
 
     # the server answers with the active adapter; every answer records the version that produced it
-    from chatapp.learning.adapters import activate_adapter
+    from chatapp.learning.registry import activate_adapter
     from chatapp.serving.engine import Engine
 
     engine = Engine.load("demo")
@@ -343,7 +343,7 @@ def test_one_run_at_a_time(tmp_path):
 
 TRAIN_CHILD = r"""
 import sys
-from chatapp.learning.adapters import Registry
+from chatapp.learning.registry import Registry
 from chatapp.feedback.store import Store
 from chatapp.learning.trainer import TrainSettings, train
 data = sys.argv[1]
@@ -387,7 +387,7 @@ def test_kill_9_never_breaks_the_active_adapter(voted_dir, tmp_path, kill_at, de
     registry = Registry.for_data_dir(data)
     active = registry.active()
     assert active == "v1"  # every kill point is before the pointer is replaced
-    from chatapp.learning.adapters import base_fingerprint
+    from chatapp.learning.registry import base_fingerprint
 
     path = registry.validate(active, base_fingerprint(demo_engine.model))
     PeftModel.from_pretrained(__import__("chatapp.serving.engine", fromlist=["Engine"]).Engine.load("demo").model, str(path))

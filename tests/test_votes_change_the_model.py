@@ -19,7 +19,7 @@ import shutil
 import pytest
 
 from chatapp.learning import simulate
-from chatapp.learning.adapters import Registry
+from chatapp.learning.registry import Registry
 from chatapp.serving.engine import Engine
 from chatapp.feedback.store import Store
 from chatapp.learning.trainer import TrainSettings, train

@@ -480,7 +480,7 @@ def train(store, registry, model_name: str | None = None, settings: TrainSetting
 
 
 def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResult:
-    from chatapp.learning import adapters, gate
+    from chatapp.learning import gate, registry as adapters
 
     for stale in store.fail_stale_runs():
         log(f"train: run {stale} had died; marked failed")

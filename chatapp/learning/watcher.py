@@ -84,7 +84,7 @@ def due(store, settings: WatchSettings) -> tuple[str | None, str]:
 def watch(data_dir, model_name: str | None, train_settings, settings: WatchSettings, log=print,
           stop: threading.Event | None = None) -> None:
     """The loop of `train --watch`: poll, train when due, repeat until `stop` or the parent is gone."""
-    from chatapp.learning.adapters import Registry
+    from chatapp.learning.registry import Registry
     from chatapp.feedback.store import Store
     from chatapp.learning.trainer import NotEnoughFeedback, TrainingBusy, train
 

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from chatapp.learning import ab
-from chatapp.learning.adapters import AdapterError
+from chatapp.learning.registry import AdapterError
 from chatapp.web.chat import AB_SETTING, ChatService
 from chatapp.core.errors import RequestError
 from chatapp.feedback.store import now as store_now

@@ -302,7 +302,7 @@ class ChatService:
             return None
         if self.registry is None:
             raise RequestError("this server has no adapter registry")
-        from chatapp.learning.adapters import AdapterError
+        from chatapp.learning.registry import AdapterError
 
         try:
             return self.registry.show(text)["version"]
