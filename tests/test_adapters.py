@@ -19,12 +19,13 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from chatapp.learning import registry as adapters
+from chatapp.learning import adapters_cli
 from chatapp.demo import shapes
-from chatapp.learning.registry import AdapterError, Registry, base_fingerprint
+from chatapp.learning.fingerprint import AdapterError, base_fingerprint, feedback_digest
+from chatapp.learning.registry import Registry
 from chatapp.serving.engine import Engine
 from chatapp.core.errors import EngineError
-from conftest import ROOT, subprocess_env
+from support import ROOT, subprocess_env
 
 TARGETS = r".*text_model.*\.(q_proj|v_proj)"
 
@@ -103,7 +104,7 @@ def test_publish_list_show_activate_rollback_deactivate_delete(demo, tmp_path):
     shown = registry.show("2")
     assert shown["version"] == "v2" and shown["parent"] == "v1" and shown["base_model"] == "demo"
     assert shown["base_fingerprint"] == demo.fingerprint
-    assert shown["feedback"] == {"ids": [3, 1, 2], "count": 3, "sha256": adapters.feedback_digest([1, 2, 3])}
+    assert shown["feedback"] == {"ids": [3, 1, 2], "count": 3, "sha256": feedback_digest([1, 2, 3])}
     assert shown["hyperparameters"] == {"r": 4, "lr": 2e-3} and shown["gate"]["reason"] == "auc >= 0.8"
     assert shown["peft"]["peft_type"] == "LORA" and shown["peft"]["r"] == 4
     assert set(shown["files"]) >= {"adapter_config.json", "adapter_model.safetensors"}
@@ -396,8 +397,8 @@ def test_cleanup_on_open_spares_a_publish_in_progress(tmp_path):
 
 def cli(capsys, *argv):
     parser = argparse.ArgumentParser(prog="python -m chatapp")
-    adapters.add_parser(parser.add_subparsers(dest="command", required=True))
-    code = adapters.run(parser.parse_args(["adapters", *map(str, argv)]))
+    adapters_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    code = adapters_cli.run(parser.parse_args(["adapters", *map(str, argv)]))
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -24,15 +24,15 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from chatapp.core import config
+from chatapp.core.clock import now_iso
+from chatapp.core.files import atomic_write
 from chatapp.feedback.prefs import COLUMNS, FORMATS, image_sha, rows as build_rows
 
 MANIFEST = "export.json"
@@ -65,24 +65,12 @@ def check_out_dir(out_dir: Path) -> None:
                           "choose a new or empty folder")
 
 
-def _atomic_write(target: Path, write) -> None:
-    """Call write(temp_path), then rename the temp file to `target`."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".tmp-{target.name}-")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _copy_image(source: Path, out_dir: Path) -> str:
     """Copy one store image into out_dir/images (once) and return its path relative to out_dir."""
     relative = f"{IMAGES_DIR}/{image_sha(source)}.png"
     target = out_dir / relative
     if not target.exists():
-        _atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
     return relative
 
 
@@ -91,7 +79,7 @@ def _write_jsonl(path: Path, items: list[dict]) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             for item in items:
                 f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _write_parquet(path: Path, fmt: str, rows: list[dict], out_dir: Path) -> None:
@@ -110,7 +98,7 @@ def _write_parquet(path: Path, fmt: str, rows: list[dict], out_dir: Path) -> Non
                          for row in rows[start:start + ROW_GROUP_SIZE]]
                 table = datasets.Dataset.from_list(chunk, features=feats).data.table
                 writer.write_table(table.cast(feats.arrow_schema))
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def export(store, fmt: str, out_dir: str | os.PathLike) -> dict:
@@ -123,7 +111,7 @@ def export(store, fmt: str, out_dir: str | os.PathLike) -> dict:
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST
     if not manifest_path.is_file():  # mark the folder first: an interrupted export can be run again into it
-        _atomic_write(manifest_path, lambda tmp: tmp.write_text("{}\n"))
+        atomic_write(manifest_path, "{}\n")
 
     built = build_rows(store, fmt)
     exported = []
@@ -144,7 +132,7 @@ def export(store, fmt: str, out_dir: str | os.PathLike) -> dict:
                "jsonl": str(jsonl), "provenance": str(provenance), "skipped": dict(sorted(built.skipped.items())),
                "labels": ({"up": sum(r["label"] for r in exported), "down": sum(not r["label"] for r in exported)}
                           if fmt == "kto" else None),
-               "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "exported_at": now_iso("seconds"),
                "store": str(store.data_dir)}
 
     manifest = json.loads(manifest_path.read_text())
@@ -152,7 +140,7 @@ def export(store, fmt: str, out_dir: str | os.PathLike) -> dict:
                                 'split="train")')
     manifest.setdefault("formats", {})[fmt] = {k: v for k, v in summary.items()
                                                if k not in ("parquet", "jsonl", "provenance") and v is not None}
-    _atomic_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    atomic_write(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return summary
 
 
@@ -173,7 +161,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder: new, empty, or an earlier export (its files are replaced)")
     parser.add_argument("--data-dir", help="the app's data folder with the feedback database "
-                                           "(default: $CHATAPP_DATA_DIR, else ./data)")
+                                           f"(default: {config.DATA_DIR_HELP})")
     return parser
 
 

@@ -36,7 +36,8 @@ def serve(args) -> int:
                               quantization=args.quantize)
     if loaded.notice:
         print(f"notice: {loaded.notice}", file=sys.stderr)
-    from chatapp.learning.registry import Registry, activate_adapter, base_fingerprint
+    from chatapp.learning.fingerprint import base_fingerprint
+    from chatapp.learning.registry import Registry, activate_adapter
     from chatapp.web.admin import AdminService
     from chatapp.serving.hotswap import ActiveFollower
     from chatapp.learning.watcher import TrainerSupervisor

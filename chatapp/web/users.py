@@ -4,7 +4,8 @@ Invariants:
 - Without a users file (or with an empty one) the app has one user, `local`, with admin rights,
   and it may only listen on a loopback address (`check_bind`).
 - The users file (`<data dir>/users.json`) holds names, roles and scrypt hashes, never passwords.
-  It is replaced atomically (temp file + rename) and readable by its owner only.
+  It is replaced atomically (core.files.atomic_write) and readable by its owner only, from its
+  first byte on.
 - Failed logins are counted per user name; after `MAX_FAILED_LOGINS` in `LOGIN_WINDOW_S` the name
   is refused, right password or not, until the oldest failure leaves the window.
 """
@@ -18,12 +19,13 @@ import json
 import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
+
+from chatapp.core.files import atomic_write
 
 USERS_FILE = "users.json"
 LOCAL_USER = "local"
@@ -88,11 +90,7 @@ class Users:
 
     def _write(self, users: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".users-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"users": users}, f, indent=2, sort_keys=True)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps({"users": users}, indent=2, sort_keys=True), mode=0o600)
 
     @property
     def enabled(self) -> bool:
