@@ -392,7 +392,7 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from chatapp.demo import demo_model
+    from chatapp.demo.smolvlm_sized import build_smolvlm_sized_random
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -400,7 +400,7 @@ def main() -> None:
     models = args.models.split(",")
     paths = {"demo": "demo"}
     if "smolvlm" in models:
-        paths["smolvlm"] = str(demo_model.build_smolvlm_sized_random(CACHE / "smolvlm-256m-random"))
+        paths["smolvlm"] = str(build_smolvlm_sized_random(CACHE / "smolvlm-256m-random"))
     runs = {"demo": dict(tokens=args.tokens, replies=args.replies, cycles=args.cycles, batch_size=None,
                          min_step=args.min_step),
             "smolvlm": dict(tokens=args.smolvlm_tokens, replies=args.smolvlm_replies, cycles=args.smolvlm_cycles,
@@ -423,16 +423,34 @@ def main() -> None:
             summary.append(result)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print("\n| model | p50 ms: no trainer / paused / training | p95 ms: no trainer / paused / training "
-          "| p50 ratio | p95 ratio (goal <= 1.5) |")
-    print("|---|---|---|---|---|")
+    table = ["| model | trainer priority | p50 ms: no trainer / paused / training "
+             "| p95 ms: no trainer / paused / training | p50 ratio | p95 ratio (goal <= 1.5) "
+             "| p95 training / no trainer |",
+             "|---|---|---|---|---|---|---|"]
     for result in summary:
         pooled, r = result["pooled"], ratios(result)
         cells = [" / ".join(f"{_pct(pooled[k].gaps, p) * 1e3:.2f}" for k in ("no trainer", "paused", "training"))
                  for p in (50, 95)]
-        print(f"| {result['model']} | {cells[0]} | {cells[1]} | {r['p50_paused']:.2f} | {r['p95_paused']:.2f} |")
-    print("ratios: training / paused, interleaved reply by reply (the same background load)")
+        table.append(f"| {result['model']} | {args.trainer_priority} | {cells[0]} | {cells[1]} | {r['p50_paused']:.2f} "
+                     f"| {r['p95_paused']:.2f} | {r['p95_no trainer']:.2f} |")
+    notes = "ratios: training / paused, interleaved reply by reply (the same background load)"
+    print("\n" + "\n".join(table) + "\n" + notes)
     print(f"total {time.perf_counter() - started:.0f} s")
+    save_markdown_and_json(summary, table, notes, args)
+
+
+def save_markdown_and_json(summary: list[dict], table: list[str], notes: str, args) -> None:
+    from bench.results import save_results  # a namespace package under ROOT, which is on sys.path (above)
+
+    def condition(c: Condition) -> dict:
+        return {"label": c.label, "kind": c.kind, "gaps": len(c.gaps), "note": c.note,
+                **{f"p{q}_ms": _pct(c.gaps, q) * 1e3 for q in (50, 95, 99)}, "max_ms": max(c.gaps) * 1e3,
+                "ttft_median_s": sorted(c.ttfts)[len(c.ttfts) // 2],
+                "cores": {k: c.cpu[k] / c.cpu["wall_s"] for k in CPU_KEYS[1:]}, "wall_s": c.cpu["wall_s"]}
+
+    models = [{"model": r["model"], "wall_s": r["wall_s"], "ratios": ratios(r), "trainer": r["trainer"],
+               "conditions": [condition(c) for c in r["conditions"]]} for r in summary]
+    save_results("contention", {"settings": vars(args), "models": models}, table, notes)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from chatapp.core import config  # noqa: E402
-from chatapp.demo import demo_model, shapes
+from chatapp.demo import shapes
+from chatapp.demo.smolvlm_sized import build_smolvlm_sized_random
 from chatapp.serving.engine import Engine  # noqa: E402
 
 CACHE = ROOT / "bench" / "cache"
@@ -133,20 +134,42 @@ def main() -> None:
           f"{args.repeats} repeats, medians")
     paths = {"demo": "demo"}
     if "smolvlm" in args.models:
-        paths["smolvlm"] = str(demo_model.build_smolvlm_sized_random(CACHE / "smolvlm-256m-random"))
+        paths["smolvlm"] = str(build_smolvlm_sized_random(CACHE / "smolvlm-256m-random"))
     header = (f"{'model':<9} {'TTFT plain':>11} {'TTFT engine':>12} {'ratio':>6} {'paired':>6}  {'tok/s plain':>12} "
               f"{'tok/s engine':>13} {'ratio':>6} {'paired':>6}")
     print(header)
+    results = []
     for name in args.models.split(","):
         r = bench_model(name, paths[name], args.tokens, args.repeats if name == "demo" else args.smolvlm_repeats)
+        results.append(dict(r, repeats=len(r["runs"]["plain_ttft_s"])))
         print(f"{name:<9} {r['plain_ttft_s'] * 1000:>9.2f}ms {r['engine_ttft_s'] * 1000:>10.2f}ms {r['ttft_ratio']:>6.3f} "
               f"{r['paired_ttft_ratio']:>6.3f}  {r['plain_tokens_per_s']:>12.1f} {r['engine_tokens_per_s']:>13.1f} "
               f"{r['tokens_per_s_ratio']:>6.3f} {r['paired_tokens_per_s_ratio']:>6.3f}", flush=True)
         if args.verbose:
             for key, values in r["runs"].items():
                 print(f"    {key}: {', '.join(f'{v:.4g}' for v in values)}")
-    print("ratio: of the medians; paired: the median of each repeat's engine/plain ratio. "
-          "goal: tokens/s ratio >= 0.97, TTFT ratio <= 1.05")
+    goal = "tokens/s ratio >= 0.97, TTFT ratio <= 1.05"
+    print(f"ratio: of the medians; paired: the median of each repeat's engine/plain ratio. goal: {goal}")
+    save_markdown_and_json(results, args.tokens, goal)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def save_markdown_and_json(results: list[dict], tokens: int, goal: str) -> None:
+    from bench.results import save_results  # a namespace package under ROOT, which is on sys.path (above)
+
+    table = ["| model | repeats | TTFT plain | TTFT engine | ratio (paired) | tokens/s plain | tokens/s engine "
+             "| ratio (paired) |", "|---|---|---|---|---|---|---|---|"]
+    table += [f"| {r['model']} | {r['repeats']} | {_duration(r['plain_ttft_s'])} | {_duration(r['engine_ttft_s'])} "
+              f"| {r['ttft_ratio']:.3f} ({r['paired_ttft_ratio']:.3f}) | {r['plain_tokens_per_s']:.1f} "
+              f"| {r['engine_tokens_per_s']:.1f} | {r['tokens_per_s_ratio']:.3f} "
+              f"({r['paired_tokens_per_s_ratio']:.3f}) |"
+              for r in results]
+    notes = (f"{tokens} new tokens per reply, greedy; medians. Ratio: engine / plain of the medians; paired: the "
+             f"median of each repeat's engine / plain ratio. Goal: {goal}.")
+    save_results("generation", {"tokens": tokens, "goal": goal, "models": results}, table, notes)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from chatapp.learning import simulate  # noqa: E402
 from chatapp.learning.registry import Registry  # noqa: E402
 from chatapp.serving.engine import Engine  # noqa: E402
 from chatapp.feedback.store import Store  # noqa: E402
-from chatapp.learning.trainer import TrainSettings, train  # noqa: E402
+from chatapp.learning.settings import TrainSettings  # noqa: E402
+from chatapp.learning.trainer import train  # noqa: E402
 
 RECIPES = {
     "rs": {},  # the default (auto) recipe: two rounds, 4-, 8- and 12-epoch candidates, the gate picks
@@ -75,9 +76,12 @@ def main() -> None:
     sampled, greedy = measure(source, None, items)
     print(f"votes {counts}; baseline: {args.style} share {sampled['style_share'][args.style]:.2f}, "
           f"greedy accuracy {greedy['accuracy']:.3f} ({len(items)} items)")
-    print(f"| recipe | {args.style} share | greedy accuracy | gate | seconds |")
-    print("|---|---|---|---|---|")
-    print(f"| base model | {sampled['style_share'][args.style]:.2f} | {greedy['accuracy']:.3f} | | |")
+    table = [f"| recipe | {args.style} share | greedy accuracy | gate | seconds |", "|---|---|---|---|---|",
+             f"| base model | {sampled['style_share'][args.style]:.2f} | {greedy['accuracy']:.3f} | | |"]
+    print("\n".join(table))
+    measured = {"settings": vars(args), "votes": counts, "held_out_items": len(items),
+               "base": {"style_share": sampled["style_share"][args.style], "greedy_accuracy": greedy["accuracy"]},
+               "recipes": []}
     for name in args.recipes.split(","):
         data = root / name
         shutil.copytree(source, data)
@@ -85,18 +89,30 @@ def main() -> None:
         settings = TrainSettings(**dict({"start_from": "base", "publish": "always"}, **RECIPES[name]))
         result = train(Store(data), Registry.for_data_dir(data), "demo", settings, log=lambda m: None)
         seconds = time.perf_counter() - started
+        recipe = {"recipe": name, "settings": RECIPES[name], "decision": result.decision, "reason": result.reason,
+                  "seconds": seconds, "candidates": result.metrics.get("candidates", {}),
+                  "chosen": result.metrics.get("chosen")}
+        measured["recipes"].append(recipe)
         if result.version is None:
-            print(f"| {name} | - | - | {result.decision}: {result.reason} | {seconds:.0f} |")
+            table.append(f"| {name} | - | - | {result.decision}: {result.reason} | {seconds:.0f} |")
+            print(table[-1])
             continue
         sampled, greedy = measure(data, result.version, items)
-        print(f"| {name} | {sampled['style_share'][args.style]:.2f} | {greedy['accuracy']:.3f} | "
-              f"{result.decision} | {seconds:.0f} |", flush=True)
+        recipe.update(style_share=sampled["style_share"][args.style], greedy_accuracy=greedy["accuracy"])
+        table.append(f"| {name} | {sampled['style_share'][args.style]:.2f} | {greedy['accuracy']:.3f} | "
+                     f"{result.decision} | {seconds:.0f} |")
+        print(table[-1], flush=True)
         print(json.dumps({"recipe": name, "reason": result.reason}), file=sys.stderr)
         for candidate, verdict in result.metrics.get("candidates", {}).items():  # every candidate the gate judged
             figures = {k: round(v, 3) for k, v in verdict["metrics"].items() if isinstance(v, (int, float))}
             print(f"    {name}: {candidate} ({verdict['epochs']} epochs): {verdict['decision']} {figures}"
                   + ("  <- chosen" if candidate == result.metrics.get("chosen") else ""), flush=True)
     shutil.rmtree(root, ignore_errors=True)
+    from bench.results import save_results  # a namespace package under ROOT, which is on sys.path (above)
+
+    notes = (f"{args.style} share: of answers sampled at temperature 1; greedy accuracy: on {len(items)} held-out "
+             f"questions; every recipe trained from the base on the same {args.votes} votes.")
+    save_results("recipes", measured, table, notes)
 
 
 if __name__ == "__main__":

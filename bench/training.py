@@ -15,8 +15,8 @@ to that work only:
 - engine alone (`--child serve`): `Engine.load(model)` and the same replies without the web server
   (no gradio): the smallest serving figure, printed beside it as the strictest ratio.
 - chatapp: the product's training path: `trainer.limit_resources`, `trainer._load_base` (the
-  serving loader), rows from the store by `prefs`, `trainer._train_trl` with a fresh LoRA
-  (`trainer._lora`); TRL's reference is the base with the adapter disabled.
+  serving loader), rows from the store by `prefs`, `trl_runs.train_trl` with a fresh LoRA
+  (`trl_runs.lora_config`); TRL's reference is the base with the adapter disabled.
 - plain: the same TRL trainer, rows and settings with plain library loading
   (`AutoModelForImageTextToText.from_pretrained(dtype=float32)` + `AutoProcessor`), no chatapp code.
 - imports: the libraries training imports (torch, transformers, peft, trl, datasets) and nothing
@@ -65,7 +65,7 @@ CACHE = ROOT / "bench" / "cache"
 USERS = [f"user{i}" for i in range(5)]
 CHATS = 24
 NICE = 10  # what trainer.limit_resources applies; the plain path gets the same
-LR = {"kto": 1e-3, "sft": 2e-3}  # trainer.DEFAULT_LR
+LR = {"kto": 1e-3, "sft": 2e-3}  # settings.DEFAULT_LR
 SERVE_TOKENS = 32
 MARK = "RESULT "
 
@@ -144,14 +144,14 @@ def child_serve(args) -> None:
 
 
 class _Progress:
-    """Stands in for trainer.Progress (which writes to a run row in the store): notes when each step ends."""
+    """Stands in for trl_runs.Progress (which writes to a run row in the store): notes when each step ends."""
 
     def __init__(self):
         self.phase, self.times = "", {}
 
     def start(self, phase: str, total: int) -> None:
         self.phase = phase
-        self.ready_rss_mb = rss_mb()  # _train_trl calls this with the trainer built, just before train()
+        self.ready_rss_mb = rss_mb()  # train_trl calls this with the trainer built, just before train()
 
     def step(self, step: int, loss=None, points=None, force: bool = False) -> None:
         if step:
@@ -162,12 +162,13 @@ def child_chatapp(args) -> None:
     import torch
 
     from chatapp.feedback import prefs
-    from chatapp.learning import trainer
+    from chatapp.learning import trainer, trl_runs
+    from chatapp.learning.settings import TrainSettings
     from chatapp.feedback.store import Store
 
-    settings = trainer.TrainSettings(method=args.method, start_from="base", max_steps=args.steps, batch_size=args.batch,
-                                     max_length=args.max_length, threads=args.threads, grad_accum=args.grad_accum,
-                                     gradient_checkpointing=args.checkpointing)
+    settings = TrainSettings(method=args.method, start_from="base", max_steps=args.steps, batch_size=args.batch,
+                             max_length=args.max_length, threads=args.threads, grad_accum=args.grad_accum,
+                             gradient_checkpointing=args.checkpointing)
     threads = trainer.limit_resources(settings.threads)
     engine, _ = trainer._load_base(args.model, settings)
     loaded = rss_mb()
@@ -180,11 +181,11 @@ def child_chatapp(args) -> None:
     progress = _Progress()
     progress.phase = f"training ({args.method})"
     torch.manual_seed(settings.seed)
-    model = trainer._train_trl(args.method, engine.model, engine.processor, rows.rows, settings, progress,
-                               LR[args.method], settings.epochs, peft_config=trainer._lora(settings), extra=extra)
+    model = trl_runs.train_trl(args.method, engine.model, engine.processor, rows.rows, settings, progress,
+                               LR[args.method], settings.epochs, peft_config=trl_runs.lora_config(settings), extra=extra)
     _report({**_step_rates(progress.times), "rows": len(rows), "threads": threads,
              "loaded_rss_mb": loaded, "ready_rss_mb": progress.ready_rss_mb, "adapters": sorted(model.peft_config),
-             "checkpointing": trainer.use_gradient_checkpointing(settings, engine.model)})
+             "checkpointing": trl_runs.use_gradient_checkpointing(settings, engine.model)})
 
 
 def child_plain(args) -> None:
@@ -295,7 +296,7 @@ def run_child(kind: str, model: str, *, data: Path | None = None, method: str = 
               batch: int = 4, threads: int = 1, max_length: int = 2048, replies: int = 3,
               grad_accum: int = 1, checkpointing: str = "auto", timeout: float = 3600) -> dict:
     if kind == "plain":  # the plain path takes a folder ("demo" is the product's name for one)
-        from chatapp.serving.engine import resolve_model_path
+        from chatapp.serving.loading import resolve_model_path
 
         model = resolve_model_path(model)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--model", model,
@@ -449,7 +450,7 @@ def main() -> None:
     if args.child:
         CHILDREN[args.child](args)
         return
-    from chatapp.demo import demo_model
+    from chatapp.demo.smolvlm_sized import build_smolvlm_sized_random
 
     if args.threads is None:
         cores = os.cpu_count() or 1
@@ -464,21 +465,49 @@ def main() -> None:
     started = time.perf_counter()
     paths = {"demo": "demo"}
     if "smolvlm" in args.models:
-        paths["smolvlm"] = str(demo_model.build_smolvlm_sized_random(CACHE / "smolvlm-256m-random"))
+        paths["smolvlm"] = str(build_smolvlm_sized_random(CACHE / "smolvlm-256m-random"))
     root = Path(tempfile.mkdtemp(prefix="bench-training-"))
     try:
         summary = build_data(root)
         imports = run_child("imports", "demo")
         print(f"{os.cpu_count()} cores; data: {summary}", flush=True)
+        results = []
         for name in args.models.split(","):
             t0 = time.perf_counter()
             result = bench_model(name, paths[name], root, runs[name])
             print_table(result, imports, runs[name])
             print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+            results.append(dict(result, settings=runs[name], seconds=time.perf_counter() - t0))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\ngoal: train/server peak RSS <= 1.3 (no second copy of the model); steps/s ratio ~1. "
           f"Timings are noisy on a shared machine. total {time.perf_counter() - started:.0f} s")
+    save_markdown_and_json(results, imports, summary)
+
+
+def save_markdown_and_json(results: list[dict], imports: dict, data: dict) -> None:
+    from bench.results import save_results  # a namespace package under ROOT, which is on sys.path (above)
+
+    def ratio(a, b) -> str:
+        return f"{a / b:.2f}" if a and b else "-"
+
+    table = ["| model | method | steps/s plain | steps/s chatapp | ratio (per CPU s) | peak RSS train MB "
+             "| peak RSS server MB | train / server (goal <= 1.3) | peak RSS engine alone MB | train / engine alone |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        serve = result["serve"]
+        server = serve["server"]
+        for row in result["rows"]:
+            plain, chat = row["plain"], row["chatapp"]
+            table.append(f"| {result['model']} | {row['method']} | {_rate(plain['steps_per_s'])} "
+                         f"| {_rate(chat['steps_per_s'])} | {ratio(chat['steps_per_s'], plain['steps_per_s'])} "
+                         f"({ratio(chat['steps_per_cpu_s'], plain['steps_per_cpu_s'])}) | {chat['peak_rss_mb']:.0f} "
+                         f"| {server['peak_rss_mb']:.0f} | {ratio(chat['peak_rss_mb'], server['peak_rss_mb'])} "
+                         f"| {serve['peak_rss_mb']:.0f} | {ratio(chat['peak_rss_mb'], serve['peak_rss_mb'])} |")
+    notes = ("steps/s: the best of the repeats (see `settings` in the JSON); server: `python -m chatapp serve "
+             "--no-trainer` answering through the API; engine alone: the engine without the web server. "
+             f"The libraries training imports, alone: {imports['peak_rss_mb']:.0f} MB peak RSS.")
+    save_results("training", {"data": data, "imports": imports, "models": results}, table, notes)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ import signal
 import sys
 from pathlib import Path
 
-from chatapp.learning import registry as adapters
+from chatapp.learning import adapters_cli
 from chatapp.core import config
 from chatapp.feedback import export
+from chatapp.learning.settings import TrainSettings, WatchSettings, add_flags, from_args
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +30,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _watch_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train-after", type=int, default=50,
-                        help="background trainer: start a run when this many new labels (votes, preferences, "
-                             "compare picks) arrived since the last run (default 50)")
-    parser.add_argument("--train-every", type=float,
-                        help="background trainer: also start a run every this many seconds when there is new feedback")
+    """serve's background trainer: when it trains (the rest of `train`'s flags go in --trainer-args)."""
+    add_flags(parser.add_argument_group("background trainer"), WatchSettings, only=("train_after", "train_every_s"))
 
 
 def _adapter_args(parser: argparse.ArgumentParser) -> None:
@@ -41,14 +39,14 @@ def _adapter_args(parser: argparse.ArgumentParser) -> None:
                         "(default: the data dir's active adapter)")
 
 
-def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--temperature", type=float, default=config.DEFAULT_TEMPERATURE,
-                        help=f"0 = greedy (default {config.DEFAULT_TEMPERATURE})")
-    parser.add_argument("--top-k", type=int, default=config.DEFAULT_TOP_K, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=config.DEFAULT_TOP_P, help="1.0 = off")
-    parser.add_argument("--max-new-tokens", type=int, default=config.DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--repetition-penalty", type=float, default=config.DEFAULT_REPETITION_PENALTY)
-    parser.add_argument("--seed", type=int, help="same seed, same sampled reply")
+def _generation_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per generation input of config (`top_k` -> --top-k), validated later by validate_generation."""
+    for param in config.SAMPLING_PARAMS:
+        parser.add_argument("--" + param.name.replace("_", "-"), type=param.kind, default=param.default,
+                            help=param.describe())
+    # --system was its name before --system-prompt; scripts still pass it
+    parser.add_argument("--system-prompt", "--system", dest=config.SYSTEM_PROMPT.name,
+                        default=config.SYSTEM_PROMPT.default, help=config.SYSTEM_PROMPT.describe())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(serve)
     serve.add_argument("--host", default=config.DEFAULT_HOST, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=config.DEFAULT_PORT)
-    serve.add_argument("--data-dir", help="database, images and adapters (default: $CHATAPP_DATA_DIR, else ./data)")
+    serve.add_argument("--data-dir", help=f"database, images and adapters (default: {config.DATA_DIR_HELP})")
     serve.add_argument("--no-trainer", action="store_true",
                        help="do not start the background trainer (run `train --watch` elsewhere, or train by hand)")
     _watch_args(serve)
@@ -75,55 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "live adapter on held-out feedback and a regression probe, and publish it "
                                        "(activated only when the gate promotes it).")
     train.add_argument("--model", help="same choice and offline fallback as `serve`")
-    train.add_argument("--method", choices=["auto", "rs", "kto", "dpo", "sft"], default="auto",
-                       help="auto (default): rs (rejection sampling with a vote-trained scorer) when there are "
-                            "thumbs up and down, else dpo with enough pairs, else kto")
-    train.add_argument("--from", dest="start_from", choices=["active", "base"], default="active",
-                       help="start from the live adapter (default) or from the base model")
-    train.add_argument("--max-steps", type=int, help="cap the optimizer steps of each training phase")
-    train.add_argument("--epochs", type=int, default=4, help="epochs of each training phase (default 4)")
-    train.add_argument("--lr", type=float, help="learning rate (default per method)")
-    train.add_argument("--best-of", type=int, default=8, help="rs: answers sampled per prompt (default 8)")
-    train.add_argument("--prompts", type=int, default=1000, help="rs: logged prompts to sample on (default 1000)")
-    train.add_argument("--rs-rounds", type=int, default=2,
-                       help="rs: rounds of sampling + SFT; each round after the first samples from the "
-                            "previous round's candidate (default 2)")
-    train.add_argument("--rs-extra-epochs", type=_epoch_list, default=(8, 12), metavar="N[,N]",
-                       help="rs: the last round also trains candidates for these epoch counts on the same answers; "
-                            "the gate publishes the best that passes (default 8,12; 'none' for one candidate)")
-    train.add_argument("--temperature", type=float,
-                       help="the sampling temperature users chat at, which rs/sft candidates are trained and the "
-                            "gate's sampled check is run for (default: the one the voted answers were sampled at)")
-    train.add_argument("--batch-size", type=int, default=8,
-                       help="rows per step (default 8; use 1-2 for real-size models on a CPU: "
-                            "~1.4 GB of activations per SmolVLM-256M image row)")
-    train.add_argument("--grad-accum", type=int, default=1,
-                       help="batches per optimizer step (default 1): --batch-size 1 --grad-accum 8 trains like "
-                            "a batch of 8 with one row's memory")
-    train.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
-                       help="recompute activations in the backward pass to save memory (default auto: on for "
-                            "models of 50 M parameters or more)")
-    train.add_argument("--lora-r", type=int, default=8)
-    train.add_argument("--lora-mlp", action="store_true", help="also put LoRA on the MLP projections")
-    train.add_argument("--min-rows", type=int, default=20, help="no run below this many training rows")
-    train.add_argument("--max-user-share", type=float, default=0.3, help="cap on one user's share of the rows")
-    train.add_argument("--publish", choices=["gate", "always", "never"], default="gate",
-                       help="gate (default): publish, activate only if promoted; always: activate anyway; never")
-    train.add_argument("--regression-set", help="JSONL of prompts/images/expected keywords for the gate "
-                                                "(models other than the demo model)")
-    train.add_argument("--quantize", choices=["4bit"], help="QLoRA (CUDA only)")
-    train.add_argument("--threads", type=int, help="torch threads (default: 1 on 2 cores or fewer)")
-    train.add_argument("--priority", choices=["idle", "nice"], default="idle",
-                       help="idle (default): Linux SCHED_IDLE + nice 10, the run only uses CPU the chat leaves; "
-                            "nice: nice 10 only")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--data-dir", help="default: $CHATAPP_DATA_DIR, else ./data")
-    train.add_argument("--watch", action="store_true",
-                       help="keep running: train whenever enough new feedback arrived (what `serve` starts)")
-    _watch_args(train)
-    train.add_argument("--retry-after", type=float, default=300.0,
-                       help="--watch: seconds to wait after a failed run before trying again (default 300)")
-    train.add_argument("--poll", type=float, default=2.0, help="--watch: seconds between looks at the store")
+    train.add_argument("--data-dir", help=f"default: {config.DATA_DIR_HELP}")
+    add_flags(train.add_argument_group("training"), TrainSettings)
+    watching = train.add_argument_group("--watch", "the background trainer's loop (what `serve` starts)")
+    watching.add_argument("--watch", action="store_true",
+                          help="keep running: train whenever enough new feedback arrived")
+    add_flags(watching, WatchSettings)
 
     users = sub.add_parser("users", help="manage who may log in (logins are on once a user exists)",
                            description="Manage the users file. Without users the app runs as one local admin "
@@ -138,17 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     remove = users_sub.add_parser("remove", help="remove a user (their conversations stay in the store)")
     remove.add_argument("name")
     for action in (add, listing, remove):
-        action.add_argument("--data-dir", help="where the users file lives (default: $CHATAPP_DATA_DIR, else ./data)")
+        action.add_argument("--data-dir", help=f"where the users file lives (default: {config.DATA_DIR_HELP})")
 
     ask = sub.add_parser("ask", help="ask one question and print the reply",
                          description="Ask one question (optionally about images); prints only the reply.")
     ask.add_argument("question")
     ask.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
-    ask.add_argument("--system", default="", help="system prompt")
-    ask.add_argument("--data-dir", help="where the adapters are (default: $CHATAPP_DATA_DIR, else ./data)")
+    ask.add_argument("--data-dir", help=f"where the adapters are (default: {config.DATA_DIR_HELP})")
     _adapter_args(ask)
     _model_args(ask)
-    _sampling_args(ask)
+    _generation_args(ask)
 
     demo = sub.add_parser("demo-model", help="build or evaluate the offline demo model",
                           description="The built-in demo model: a tiny Idefics3 trained on the shapes world.")
@@ -164,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", action="store_true", help="print the full result as JSON")
     export.add_parser(sub)
-    adapters.add_parser(sub)
+    adapters_cli.add_parser(sub)
     return parser
 
 
@@ -220,35 +174,17 @@ def cmd_users(args) -> int:
     return 0
 
 
-def _epoch_list(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none"):
-        return ()
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected epoch counts like 8 or 6,8 (or none), got {text!r}") from None
-
-
 def cmd_train(args) -> int:
     from chatapp.learning.registry import Registry
     from chatapp.feedback.store import Store
-    from chatapp.learning.trainer import TrainSettings, train
+    from chatapp.learning.trainer import train
 
     data = config.data_dir(args.data_dir)
-    settings = TrainSettings(method=args.method, start_from=args.start_from, max_steps=args.max_steps,
-                             epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                             gradient_checkpointing=args.gradient_checkpointing, learning_rate=args.lr, best_of=args.best_of, rs_prompts=args.prompts,
-                             rs_rounds=args.rs_rounds, rs_extra_epochs=args.rs_extra_epochs,
-                             lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_mlp=args.lora_mlp,
-                             min_rows=args.min_rows, max_user_share=args.max_user_share, publish=args.publish,
-                             regression_set=args.regression_set, quantize=args.quantize, threads=args.threads, priority=args.priority,
-                             seed=args.seed, temperature=args.temperature)
-    settings.validate()
+    settings = from_args(TrainSettings, args).validate()
     if args.watch:
-        from chatapp.learning.watcher import WatchSettings, watch
+        from chatapp.learning.watcher import watch
 
-        watch_settings = WatchSettings(train_after=args.train_after, train_every_s=args.train_every,
-                                       retry_s=args.retry_after, poll_s=args.poll).validate()
+        watch_settings = from_args(WatchSettings, args).validate()
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         watch(data, config.requested_model(args.model), settings, watch_settings,
               log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -266,22 +202,20 @@ def cmd_ask(args) -> int:
     from chatapp.feedback.images import load_image
 
     hf_logging.disable_progress_bar()
-    params = config.validate_generation(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                        max_new_tokens=args.max_new_tokens,
-                                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    params = config.validate_generation(**{param.name: getattr(args, param.name) for param in config.SAMPLING_PARAMS})
     content = [{"type": "image", "image": load_image(p)} for p in args.image]
     content.append({"type": "text", "text": args.question})
     engine = _load(args).engine
     from chatapp.learning.registry import activate_adapter
 
     activate_adapter(engine, config.data_dir(args.data_dir), args.adapter)
-    reply = engine.generate([{"role": "user", "content": content}], params, system_prompt=args.system or None)
+    reply = engine.generate([{"role": "user", "content": content}], params, system_prompt=args.system_prompt or None)
     print(reply.text)
     return 0
 
 
 def cmd_demo_model(args) -> int:
-    from chatapp.demo import demo_model
+    from chatapp.demo import demo_model, evaluation
 
     if args.action == "build":
         cfg = demo_model.BuildConfig(seed=args.seed)
@@ -289,7 +223,7 @@ def cmd_demo_model(args) -> int:
             cfg.max_steps = args.steps
         demo_model.build(Path(args.out), cfg, log=lambda m: print(m, file=sys.stderr))
         return 0
-    result = demo_model.evaluate(Path(args.model_dir), per_type=args.per_type, seed=args.seed,
+    result = evaluation.evaluate(Path(args.model_dir), per_type=args.per_type, seed=args.seed,
                                  temperature=args.temperature)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -311,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     from chatapp.feedback.images import ImageError
     from chatapp.web.users import UserError
 
-    handler = {"serve": cmd_serve, "ask": cmd_ask, "users": cmd_users, "export": export.run, "train": cmd_train, "adapters": adapters.run,
+    handler = {"serve": cmd_serve, "ask": cmd_ask, "users": cmd_users, "export": export.run, "train": cmd_train, "adapters": adapters_cli.run,
                "demo-model": cmd_demo_model}[args.command]
     try:
         return handler(args)

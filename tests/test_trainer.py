@@ -16,9 +16,11 @@ from chatapp.learning.registry import Registry
 from chatapp.web.chat import ChatService
 from chatapp.core.config import validate_generation
 from chatapp.feedback.store import Store
-from chatapp.learning.trainer import NotEnoughFeedback, TrainSettings, TrainingBusy, run_lock, train
+from chatapp.learning.data import NotEnoughFeedback
+from chatapp.learning.settings import TrainSettings
+from chatapp.learning.trainer import TrainingBusy, run_lock, train
 from chatapp.web.users import LOCAL
-from conftest import ROOT, subprocess_env
+from support import ROOT, subprocess_env
 
 USERS = [f"user{i}" for i in range(5)]
 QUICK = dict(method="kto", start_from="base", max_steps=4, batch_size=4, min_rows=10)
@@ -41,6 +43,7 @@ def copy_dir(src, dst):
     return dst
 
 
+@pytest.mark.slow
 def test_split_cap_and_weights_are_deterministic(voted_dir):
     store = Store(voted_dir)
     rows = prefs.kto_rows(store)
@@ -68,6 +71,7 @@ def test_split_cap_and_weights_are_deterministic(voted_dir):
     assert logged and not held_parents & {store.message(p["answer_id"])["parent_id"] for p in logged}
 
 
+@pytest.mark.slow
 def test_too_little_feedback_is_refused_clearly(tmp_path, demo_engine):
     store = Store(tmp_path)
     logged = simulate.log_chats(store, demo_engine.model, demo_engine.processor, 6, seed=5, users=USERS)
@@ -117,6 +121,7 @@ def test_the_training_process_yields_the_cpu_to_the_chat(priority, policy):
     assert sched == getattr(os, policy)
 
 
+@pytest.mark.slow
 def test_a_run_is_recorded_published_and_tags_answers(voted_dir, tmp_path, demo_engine):
     data = copy_dir(voted_dir, tmp_path / "data")
     store, registry = Store(data), Registry.for_data_dir(data)
@@ -157,6 +162,7 @@ def test_a_run_is_recorded_published_and_tags_answers(voted_dir, tmp_path, demo_
     assert wrong.returncode == 2 and "v9" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
+@pytest.mark.slow
 def test_rs_trains_a_candidate_per_epoch_count_and_the_gate_picks_one(voted_dir, tmp_path):
     """The last rejection-sampling round trains the default and the extra-epoch candidates on the same
     kept answers; the gate measures the live policy once and judges each; the chosen one is published
@@ -179,6 +185,7 @@ def test_rs_trains_a_candidate_per_epoch_count_and_the_gate_picks_one(voted_dir,
     assert registry.show(result.version)["metrics"]["chosen"] == chosen
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_the_lora(voted_dir, tmp_path):
     """With activations recomputed in the backward pass (the default for real-size models) the LoRA still
     gets gradients: its B matrices, zero at the start, are not zero after two steps."""
@@ -234,33 +241,65 @@ def test_completion_logps_in_batches_match_one_at_a_time_with_full_logits(demo_e
 
 
 def test_the_gate_asks_for_an_auc_above_chance():
-    """The p-value of a held-out AUC matches what random votes do (a permutation count), and the
-    gate's verdict names both bars."""
+    """The p-value of a held-out AUC matches what random votes do (a permutation count, counted here
+    from ranks, not by the gate), with and without tied scores, and the gate's verdict names both bars."""
     import random
 
     from chatapp.learning import gate
 
     rng = random.Random(0)
-    scores = [rng.random() for _ in range(47)]
-    chance = [gate.auc(*[[s for s, up in zip(scores, labels) if up == want] for want in (True, False)])
-              for labels in ([rng.random() < 0.6 for _ in scores] for _ in range(3000))]
-    for value in (0.6, 0.65, 0.7):
-        counted = sum(a >= value for a in chance) / len(chance)
-        assert abs(gate.auc_p_value(value, 28, 19) - counted) < 0.03
+
+    def ranks(scores):  # 1-based, ties sharing their average rank
+        order = sorted(range(len(scores)), key=scores.__getitem__)
+        result, i = [0.0] * len(scores), 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+                j += 1
+            for k in order[i:j + 1]:
+                result[k] = (i + j) / 2 + 1
+            i = j + 1
+        return result
+
+    def split(scores, n_liked, target):
+        """Liked and disliked scores: a random labelling whose AUC is within half a point of `target`."""
+        while True:
+            labels = [True] * n_liked + [False] * (len(scores) - n_liked)
+            rng.shuffle(labels)
+            liked = [s for s, up in zip(scores, labels) if up]
+            disliked = [s for s, up in zip(scores, labels) if not up]
+            if abs(gate.auc(liked, disliked) - target) < 0.005:
+                return liked, disliked
+
+    for decimals in (6, 1):  # 1 decimal: many ties
+        scores = [round(rng.random(), decimals) for _ in range(47)]
+        rank = ranks(scores)
+        for value in (0.6, 0.65, 0.7):
+            liked, disliked = split(scores, 28, value)
+            observed, p_value = gate.auc_and_p(liked, disliked)
+            count, at_least = 3000, 0
+            for _ in range(count):
+                picked = rng.sample(range(47), 28)
+                at_least += (sum(rank[i] for i in picked) - 28 * 29 / 2) / (28 * 19) >= observed - 1e-12
+            assert abs(p_value - at_least / count) < 0.03, (decimals, value, p_value, at_least / count)
     settings = gate.GateSettings()
-    assert gate.auc_shortfall({"auc": 0.71, "auc_p": gate.auc_p_value(0.71, 28, 19), "liked": 28, "disliked": 19},
-                              settings) is None
-    weak = gate.auc_shortfall({"auc": 0.63, "auc_p": gate.auc_p_value(0.63, 12, 9), "liked": 12, "disliked": 9},
-                              settings)
+    scores = [rng.random() for _ in range(47)]
+    liked, disliked = split(scores, 28, 0.71)
+    strong = gate.auc_and_p(liked, disliked)
+    assert gate.auc_shortfall({"auc": strong[0], "auc_p": strong[1], "liked": 28, "disliked": 19}, settings) is None
+    liked, disliked = split(scores[:21], 12, 0.63)
+    weak_auc, weak_p = gate.auc_and_p(liked, disliked)
+    weak = gate.auc_shortfall({"auc": weak_auc, "auc_p": weak_p, "liked": 12, "disliked": 9}, settings)
     assert weak.startswith("held-out AUC 0.63 could be chance, p = 0.") and weak.endswith("with 12 liked / 9 disliked")
     assert gate.auc_shortfall({"auc": 0.55, "auc_p": 0.001, "liked": 900, "disliked": 900}, settings) == \
         "held-out AUC 0.55 < 0.6"
 
 
+@pytest.mark.slow
 def test_the_votes_temperature_is_what_the_candidate_is_trained_for(voted_dir):
     """The rated answers were sampled at temperature 1 (simulate.log_chats): that is the temperature
     the candidate is trained and judged for, unless the settings name one."""
-    from chatapp.learning.trainer import prepare_data
+    from chatapp.learning.data import prepare_data
 
     rows = prefs.kto_rows(Store(voted_dir))
     assert {p["temperature"] for p in rows.provenance} == {1.0}
@@ -272,6 +311,7 @@ def test_the_votes_temperature_is_what_the_candidate_is_trained_for(voted_dir):
         TrainSettings(temperature=0).validate()
 
 
+@pytest.mark.slow
 def test_sft_at_a_temperature_takes_its_loss_on_the_divided_logits(voted_dir, tmp_path):
     """SFT for temperature 2 starts from a higher loss than at 1 on the same rows (the demo model's
     own answers are its likely tokens, which dividing the logits makes less likely; measured 0.23 ->
@@ -297,11 +337,11 @@ def test_cpu_training_scores_only_labelled_positions_with_the_same_log_probs():
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl.trainer import utils as trl_utils
 
-    from chatapp.serving import engine
+    from chatapp.serving import loading
     from chatapp.demo import shapes
-    from chatapp.learning import trainer
+    from chatapp.learning import trl_runs
 
-    path = engine.resolve_model_path("demo")
+    path = loading.resolve_model_path("demo")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(path)
     trl_utils.add_fused_lm_head(model)
@@ -323,7 +363,7 @@ def test_cpu_training_scores_only_labelled_positions_with_the_same_log_probs():
 
     assert not trl_utils._use_triton(torch.device("cpu"))
     every = run()
-    with trainer._score_labelled_positions_only():
+    with trl_runs._score_labelled_positions_only():
         assert trl_utils._use_triton(torch.device("cpu"))
         labelled = run()
     assert not trl_utils._use_triton(torch.device("cpu"))  # restored
@@ -345,7 +385,8 @@ TRAIN_CHILD = r"""
 import sys
 from chatapp.learning.registry import Registry
 from chatapp.feedback.store import Store
-from chatapp.learning.trainer import TrainSettings, train
+from chatapp.learning.settings import TrainSettings
+from chatapp.learning.trainer import train
 data = sys.argv[1]
 settings = TrainSettings(method="kto", start_from="base", max_steps=int(sys.argv[2]), batch_size=4, min_rows=10,
                          publish="always")
@@ -356,6 +397,7 @@ print(train(Store(data), Registry.for_data_dir(data), "demo", settings, log=lamb
 
 @pytest.mark.parametrize("kill_at", ["training", "after-weights", "before-rename", "after-rename",
                                      "before-active-replace"])
+@pytest.mark.slow
 def test_kill_9_never_breaks_the_active_adapter(voted_dir, tmp_path, kill_at, demo_engine):
     from peft import PeftModel
 
@@ -387,7 +429,7 @@ def test_kill_9_never_breaks_the_active_adapter(voted_dir, tmp_path, kill_at, de
     registry = Registry.for_data_dir(data)
     active = registry.active()
     assert active == "v1"  # every kill point is before the pointer is replaced
-    from chatapp.learning.registry import base_fingerprint
+    from chatapp.learning.fingerprint import base_fingerprint
 
     path = registry.validate(active, base_fingerprint(demo_engine.model))
     PeftModel.from_pretrained(__import__("chatapp.serving.engine", fromlist=["Engine"]).Engine.load("demo").model, str(path))

@@ -22,7 +22,11 @@ from chatapp.learning import simulate
 from chatapp.learning.registry import Registry
 from chatapp.serving.engine import Engine
 from chatapp.feedback.store import Store
-from chatapp.learning.trainer import TrainSettings, train
+from chatapp.learning.settings import TrainSettings
+from chatapp.learning.trainer import train
+
+pytestmark = pytest.mark.slow  # every case trains
+
 
 USERS = [f"user{i}" for i in range(5)]
 LOGGED, VOTES = 600, 200
@@ -84,6 +88,7 @@ def fork(source, tmp_path):
 
 @opt_in
 @pytest.mark.parametrize("style", STYLES)
+@pytest.mark.proof
 def test_style_votes_move_the_sampled_style(warm, held_out, tmp_path, style, record_property):
     source, _, logged = warm
     data, store = fork(source, tmp_path)
@@ -106,6 +111,7 @@ def test_style_votes_move_the_sampled_style(warm, held_out, tmp_path, style, rec
 
 
 @opt_in
+@pytest.mark.proof
 def test_correctness_votes_raise_sampled_accuracy(hot, held_out, tmp_path):
     source, _, logged = hot
     data, store = fork(source, tmp_path)

@@ -26,40 +26,20 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import asdict
 from pathlib import Path
 
-DEFAULT_TRAIN_AFTER = 50  # new labels; ~a quarter of the ~200 votes the proof runs use
-DEFAULT_RETRY_S = 300.0
-DEFAULT_POLL_S = 2.0
-TRAINER_SETTING = "trainer"
+from chatapp.core.clock import now_iso, seconds_since
+from chatapp.feedback.store import TRAINER_SETTING
+from chatapp.learning.settings import WatchSettings
+
 TRAINER_LOG = "trainer.log"
-
-
-@dataclass
-class WatchSettings:
-    train_after: int = DEFAULT_TRAIN_AFTER  # start a run when this many new labels arrived
-    train_every_s: float | None = None  # also start one on this schedule when there is any new label
-    retry_s: float = DEFAULT_RETRY_S  # wait this long after a failed run before trying again
-    poll_s: float = DEFAULT_POLL_S
-
-    def validate(self) -> "WatchSettings":
-        from chatapp.core.errors import RequestError
-
-        if self.train_after < 1:
-            raise RequestError(f"--train-after must be at least 1, got {self.train_after}")
-        if self.train_every_s is not None and self.train_every_s < 10:
-            raise RequestError(f"--train-every must be at least 10 seconds, got {self.train_every_s}")
-        if self.retry_s < 0 or self.poll_s <= 0:
-            raise RequestError("--retry-after must be >= 0 and --poll > 0")
-        return self
 
 
 def _age_s(stamp: str | None) -> float:
     if not stamp:
         return float("inf")
-    return (datetime.now(timezone.utc) - datetime.fromisoformat(stamp)).total_seconds()
+    return seconds_since(stamp)
 
 
 def due(store, settings: WatchSettings) -> tuple[str | None, str]:
@@ -86,7 +66,8 @@ def watch(data_dir, model_name: str | None, train_settings, settings: WatchSetti
     """The loop of `train --watch`: poll, train when due, repeat until `stop` or the parent is gone."""
     from chatapp.learning.registry import Registry
     from chatapp.feedback.store import Store
-    from chatapp.learning.trainer import NotEnoughFeedback, TrainingBusy, train
+    from chatapp.learning.data import NotEnoughFeedback
+    from chatapp.learning.trainer import TrainingBusy, train
 
     store, registry = Store(data_dir), Registry.for_data_dir(data_dir)
     stop = stop or threading.Event()
@@ -95,7 +76,7 @@ def watch(data_dir, model_name: str | None, train_settings, settings: WatchSetti
 
     def status(state: str, message: str, **extra) -> None:
         store.set_setting(TRAINER_SETTING, dict(state=state, message=message, pid=os.getpid(),
-                                                at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                                at=now_iso("seconds"),
                                                 settings=asdict(settings), **extra), "trainer")
 
     for stale in store.fail_stale_runs():
