@@ -44,7 +44,7 @@ from sqlite_utils import Database
 from chatapp.feedback.images import load_image
 from chatapp.feedback.migrations import migrations
 from chatapp.feedback.store import DB_NAME, Store
-from conftest import ROOT, subprocess_env
+from support import ROOT, subprocess_env
 
 FIRST_MIGRATION = "m001_initial"
 SECOND_MIGRATION = "m002_feedback_index_and_conversation_system_prompt"
@@ -93,6 +93,7 @@ def wait_for_files(paths: list[Path], procs: list[subprocess.Popen], timeout: fl
 THREADS, UNITS = 32, 300
 
 
+@pytest.mark.slow
 def test_32_threads_x_300_units_lose_or_duplicate_nothing(tmp_path):
     store = Store(tmp_path / "data")
     owner = store.ensure_user("owner")
@@ -197,6 +198,7 @@ WRITER = """
 """
 
 
+@pytest.mark.slow
 def test_processes_writing_at_once_wait_for_each_other(tmp_path):
     data = tmp_path / "data"
     store = Store(data)
@@ -290,6 +292,7 @@ def run_and_kill(data: Path, run: int, hold_at: int, delay: float) -> tuple[list
     return committed, (open_ids[0] if open_ids else None)
 
 
+@pytest.mark.slow
 def test_sigkilled_writer_leaves_a_consistent_database(tmp_path):
     data = tmp_path / "data"
     rng = random.Random(20240607)

@@ -305,8 +305,7 @@ def logged_prompts(store, exclude_message_ids: set[int] = frozenset(), limit: in
     Prompts of excluded (held-out) answers are left out."""
     excluded_parents = {row["parent_id"] for row in (store.message(i) for i in exclude_message_ids) if row}
     out, seen = [], set()
-    for row in store.query("SELECT parent_id, max(id) AS answer_id FROM messages WHERE role = 'assistant' "
-                           "AND parent_id IS NOT NULL GROUP BY parent_id ORDER BY parent_id DESC"):
+    for row in store.newest_answers():
         if row["parent_id"] in excluded_parents:
             continue
         try:

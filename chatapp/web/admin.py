@@ -6,30 +6,30 @@ Invariants:
   (`ChatService.require_admin`); the page hiding the tab is a convenience, not the check.
 - Activation, rollback and deactivation go through the registry (atomic pointer); the serving
   process follows the pointer (`hotswap`), so there is one path for the gate, admins and the A/B
-  policy alike.
+  policy alike. A/B tests are started, stopped and read through the chat service's `ab.ABTest`.
+- Reads the store only through its named methods (no SQL here).
 - Never imports torch or gradio.
 """
 from __future__ import annotations
 
 import shutil
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
+from chatapp.core.clock import compact_stamp
+from chatapp.core.errors import RequestError
+from chatapp.feedback.store import TRAINER_SETTING
 from chatapp.learning import ab
 from chatapp.learning.registry import AdapterError
-from chatapp.web.chat import AB_SETTING, ChatService
-from chatapp.core.errors import RequestError
-from chatapp.feedback.store import now as store_now
+from chatapp.web.chat import ChatService
 from chatapp.web.users import User
-from chatapp.learning.watcher import TRAINER_SETTING
 
 EXPORT_FORMATS = ("kto", "dpo", "sft")
 
 
 class AdminService:
     def __init__(self, chat: ChatService, registry, supervisor=None, follower=None):
-        self.chat, self.store, self.registry = chat, chat.store, registry
+        self.chat, self.store, self.registry, self.ab = chat, chat.store, registry, chat.ab
         self.supervisor, self.follower = supervisor, follower
 
     def _admin(self, user: User) -> None:
@@ -48,7 +48,7 @@ class AdminService:
             trainer = dict(trainer, pid=self.supervisor.pid)
         return {"run": _run_summary(run) if run else None,
                 "points": self.store.run_points(run["id"]) if run else [],
-                "trainer": trainer, "serving": self.chat.engine.adapter or "base",
+                "trainer": trainer, "serving": self.chat.serving() or "base",
                 "follow_error": getattr(self.follower, "last_error", None)}
 
     def runs(self, user: User, limit: int = 50) -> list[dict]:
@@ -99,13 +99,8 @@ class AdminService:
         """Totals, votes by label, by adapter version and by hour."""
         self._admin(user)
         stats = self.store.feedback_stats()
-        stats["by_adapter"] = self.store.query(
-            "SELECT coalesce(g.adapter_version, 'base') AS adapter, f.vote, count(*) AS n FROM feedback f "
-            "JOIN generations g ON g.message_id = f.message_id WHERE f.vote IS NOT NULL "
-            "GROUP BY adapter, f.vote ORDER BY adapter, f.vote")
-        stats["over_time"] = self.store.query(
-            "SELECT substr(updated_at, 1, 13) || ':00' AS hour, vote, count(*) AS n FROM feedback "
-            "WHERE vote IS NOT NULL GROUP BY hour, vote ORDER BY hour")
+        stats["by_adapter"] = self.store.votes_by_adapter()
+        stats["over_time"] = self.store.votes_by_hour()
         return stats
 
     def export(self, user: User, fmt: str) -> Path:
@@ -115,7 +110,7 @@ class AdminService:
             raise RequestError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
         from chatapp.feedback import export
 
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = compact_stamp()
         folder = Path(tempfile.mkdtemp(prefix="chatapp-export-"))
         out = folder / f"chatapp-{fmt}-{stamp}"
         export.export(self.store, fmt, out)
@@ -125,24 +120,22 @@ class AdminService:
 
     def ab_status(self, user: User) -> dict:
         self._admin(user)
-        return {"test": self.chat.ab_status(), "last": self.store.setting("ab_test_last")}
+        return {"test": self.ab.status(self.chat.serving()), "last": self.ab.last()}
 
     def ab_start(self, user: User, candidate, auto: bool = False, min_votes: int = ab.DEFAULT_MIN_VOTES) -> dict:
         """Pit `candidate` (a version, or 'base') against the live adapter in every compare request."""
         self._admin(user)
-        version = self.chat._version_arg(candidate)
+        version = self.chat.resolve_version(candidate)
         if version == self.registry.active():
             raise RequestError(f"{ab.label(version)} is the live version already; choose another to test")
         if not isinstance(min_votes, int) or not 4 <= min_votes <= 10_000:
             raise RequestError(f"min votes must be a whole number from 4 to 10000, got {min_votes!r}")
-        self.store.set_setting(AB_SETTING, {"candidate": version, "auto": bool(auto), "min_votes": min_votes,
-                                            "started_by": user.name, "started_at": store_now()},
-                               user.name)
+        self.ab.start(version, user.name, auto=auto, min_votes=min_votes)
         return self.ab_status(user)
 
     def ab_stop(self, user: User) -> dict:
         self._admin(user)
-        self.store.set_setting(AB_SETTING, None, user.name)
+        self.ab.stop(user.name)
         return self.ab_status(user)
 
 

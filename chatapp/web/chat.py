@@ -4,30 +4,31 @@ Invariants:
 - Every public method takes the calling `User` first and checks its rights itself: a user reaches
   only their own conversations and messages; admin actions check the role. Nothing relies on the
   page hiding a button.
-- Every input is validated here (limits from `config`, images through `images.load_image`) before
-  anything is stored; a refused request changes nothing.
+- Every input is validated here (`inputs`: limits from `config`, images through `images.load_image`)
+  before anything is stored; a refused request changes nothing.
 - The user's message (and images) are committed before generation starts; the answer is committed
   when generation ends, also when it was stopped or the client went away (with what was produced),
   so nothing the user wrote or saw is lost.
+- Talks to the store only through its named methods, and to A/B tests only through `ab.ABTest`
+  (which version answers a compare side, picks, the policy that may activate a version).
 - Never imports torch or gradio; the engine object is given.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
-from chatapp.learning import ab
 from chatapp.core import config
 from chatapp.core.config import GenerationParams
 from chatapp.core.errors import AccessDenied, RequestError
 from chatapp.feedback.images import load_image
 from chatapp.feedback.store import PICKS, Store
+from chatapp.learning.ab import ABTest
+from chatapp.web.inputs import check_images, parse_id, validate_system_prompt, validate_text, validate_vote
 from chatapp.web.users import User
 
-VOTE_CHOICES = ("up", "down", "none")
 LIVE = object()  # the adapter version the engine answers with when the answer starts
-AB_SETTING = "ab_test"  # {"candidate": version or None, "auto": bool, "min_votes": int, "started_by": name}
 
 
 @dataclass
@@ -49,47 +50,12 @@ class ChatEvent:
                 "adapter": self.adapter or "none", "side": self.side, "meta": self.meta}
 
 
-def parse_id(value, what: str) -> int:
-    """Ids arrive as ints, floats or strings from the page and the API."""
-    if isinstance(value, bool) or value is None or value == "":
-        raise RequestError(f"{what} is required")
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise RequestError(f"{what} must be a number, got {value!r}") from None
-    if number < 1:
-        raise RequestError(f"{what} must be a positive number, got {value!r}")
-    return number
-
-
-def validate_text(text, *, allow_empty: bool = False) -> str:
-    if text is None:
-        text = ""
-    if not isinstance(text, str):
-        raise RequestError("the message must be text")
-    text = text.strip()
-    if not text and not allow_empty:
-        raise RequestError("type a message or attach an image")
-    if len(text) > config.MAX_MESSAGE_CHARS:
-        raise RequestError(f"the message is {len(text)} characters long; the limit is {config.MAX_MESSAGE_CHARS}")
-    return text
-
-
-def validate_system_prompt(system_prompt) -> str:
-    system_prompt = (system_prompt or "").strip()
-    if not isinstance(system_prompt, str):
-        raise RequestError("the system prompt must be text")
-    if len(system_prompt) > config.MAX_SYSTEM_PROMPT_CHARS:
-        raise RequestError(f"the system prompt is {len(system_prompt)} characters long; "
-                           f"the limit is {config.MAX_SYSTEM_PROMPT_CHARS}")
-    return system_prompt
-
-
 class ChatService:
     def __init__(self, engine, store: Store, registry=None):
         self.engine = engine
         self.store = store
         self.registry = registry  # adapters.Registry; needed by A/B tests and their policy
+        self.ab = ABTest(store, registry)
         self._user_ids: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------ rights
@@ -125,13 +91,16 @@ class ChatService:
         if not user.is_admin:
             raise AccessDenied("this action is for admins only")
 
-    # ------------------------------------------------------------ inputs
+    def serving(self) -> str | None:
+        """The adapter version the engine answers with now (None: the base model)."""
+        return getattr(self.engine, "adapter", None)
 
-    def _check_images(self, image_paths) -> list:
-        image_paths = [p for p in (image_paths or []) if p]
-        if len(image_paths) > config.MAX_IMAGES_PER_MESSAGE:
-            raise RequestError(f"at most {config.MAX_IMAGES_PER_MESSAGE} images per message, got {len(image_paths)}")
-        return [load_image(path) for path in image_paths]  # all checked before any is stored
+    @property
+    def data_dir(self) -> Path:
+        """The store's folder: the image paths this service returns lie under it."""
+        return self.store.data_dir
+
+    # ------------------------------------------------------------ generating
 
     def _engine_messages(self, path: list[dict]) -> list[dict]:
         messages = []
@@ -142,8 +111,6 @@ class ChatService:
             messages.append({"role": message["role"], "content": parts})
         return messages
 
-    # ------------------------------------------------------------ generating
-
     def _answer(self, user_message: dict, params: GenerationParams, system_prompt: str, kind: str,
                 side: str | None = None, adapter=LIVE) -> Iterator[ChatEvent]:
         path = self.store.path_to(user_message["id"])
@@ -153,7 +120,7 @@ class ChatService:
         messages = self._engine_messages(path)
         conversation_id = user_message["conversation_id"]
         if adapter is LIVE:  # fixed now: the answer finishes on the version it started with
-            adapter = getattr(self.engine, "adapter", None)
+            adapter = self.serving()
         text, meta, stored = "", None, False
         stream = self.engine.stream(messages, params, system_prompt=system_prompt or None, adapter=adapter)
         try:
@@ -197,7 +164,7 @@ class ChatService:
         conversation = None
         if conversation_id not in (None, "", 0):
             conversation = self._own_conversation(user, conversation_id)
-        images = self._check_images(image_paths)
+        images = check_images(image_paths)
         if conversation is None:
             conversation_id = self.store.create_conversation(self.user_id(user), (text or "Image"), system_prompt)
             parent_id = None
@@ -236,8 +203,7 @@ class ChatService:
         """Branch: a new version of a user message (same parent, same images) and an answer to it."""
         message = self._own_message(user, message_id, role="user")
         text = validate_text(text, allow_empty=bool(self.store.message_images(message["id"])))
-        shas = [row["sha256"] for row in self.store.query(
-            "SELECT sha256 FROM message_images WHERE message_id = ? ORDER BY position", [message["id"]])]
+        shas = self.store.message_image_shas(message["id"])
         new_id = self.store.add_message(message["conversation_id"], message["parent_id"], "user", text,
                                         kind="edit", image_shas=shas)
         params = params or config.validate_generation()
@@ -282,22 +248,14 @@ class ChatService:
             self.require_admin(user)
             if len(versions) != 2:
                 raise RequestError("name two versions to compare, e.g. v3 and live")
-            return tuple(self._version_arg(v) for v in versions)
-        test = self.store.setting(AB_SETTING)
-        if not test:
-            return LIVE, LIVE
-        live = getattr(self.engine, "adapter", None)
-        if test["candidate"] == live:  # the candidate went live meanwhile: nothing to test
-            return LIVE, LIVE
-        sides = [test["candidate"], live]
-        random.shuffle(sides)
-        return tuple(sides)
+            return tuple(self.resolve_version(v) for v in versions)
+        return self.ab.sides(self.serving()) or (LIVE, LIVE)
 
-    def _version_arg(self, version):
-        """'live', 'base'/'none' or a published version."""
+    def resolve_version(self, version):
+        """The adapter version 'live', 'base'/'none' or a published version names (None: the base)."""
         text = str(version or "").strip().lower()
         if text in ("", "live", "active"):
-            return getattr(self.engine, "adapter", None)
+            return self.serving()
         if text in ("base", "none"):
             return None
         if self.registry is None:
@@ -324,22 +282,14 @@ class ChatService:
 
     def vote(self, user: User, message_id, vote: str, reasons=(), comment: str = "") -> dict:
         message = self._own_message(user, message_id, role="assistant")
-        if vote not in VOTE_CHOICES:
-            raise RequestError(f"vote must be one of {', '.join(VOTE_CHOICES)}, got {vote!r}")
-        reasons = list(reasons or [])
-        unknown = [r for r in reasons if r not in config.FEEDBACK_REASONS]
-        if unknown:
-            raise RequestError(f"unknown reason(s) {unknown}; choose from {', '.join(config.FEEDBACK_REASONS)}")
-        comment = comment or ""
-        if not isinstance(comment, str):
-            raise RequestError("the comment must be text")
-        if len(comment) > config.MAX_COMMENT_CHARS:
-            raise RequestError(f"the comment is {len(comment)} characters long; the limit is {config.MAX_COMMENT_CHARS}")
-        if vote == "none" and (reasons or comment.strip()):
-            raise RequestError("reasons and a comment need a vote (up or down)")
-        self.store.set_vote(self.user_id(user), message["id"], None if vote == "none" else vote, reasons,
-                            comment.strip())
-        return {"message_id": message["id"], "vote": vote, "reasons": reasons, "comment": comment.strip()}
+        reasons, comment = validate_vote(vote, reasons, comment)
+        self.store.set_vote(self.user_id(user), message["id"], None if vote == "none" else vote, reasons, comment)
+        return {"message_id": message["id"], "vote": vote, "reasons": reasons, "comment": comment}
+
+    def current_vote(self, user: User, message_id) -> dict | None:
+        """The caller's vote on one of their answers ({"vote", "reasons", "comment"}), or None."""
+        message = self._own_message(user, message_id)
+        return self.store.vote(self.user_id(user), message["id"])
 
     def prefer(self, user: User, message_id) -> dict:
         message = self._own_message(user, message_id, role="assistant")
@@ -357,49 +307,11 @@ class ChatService:
             raise AccessDenied(f"comparison {comparison_id} does not exist or is not yours")
         if pick not in PICKS:
             raise RequestError(f"pick must be one of {', '.join(PICKS)}, got {pick!r}")
-        self.store.pick(comparison_id, pick)
+        recorded = self.ab.record_pick(comparison, pick, self.serving())
         chosen = comparison["b_id"] if pick == "b" else comparison["a_id"]
         conversation_id = self.store.message(chosen)["conversation_id"]
         self.store.set_leaf(conversation_id, self._newest_leaf(chosen))
-        result = {"comparison_id": comparison_id, "pick": pick, "message_id": chosen}
-        sides = [(self.store.generation(comparison[k]) or {}).get("adapter_version") for k in ("a_id", "b_id")]
-        result["versions"] = {"a": sides[0] or "none", "b": sides[1] or "none"}  # revealed after the pick
-        if sides[0] != sides[1]:
-            result["ab"] = self.apply_ab_policy()
-        return result
-
-    # ------------------------------------------------------------ A/B tests
-
-    def ab_status(self) -> dict | None:
-        """The running A/B test: its settings, the candidate's standing against the live version and
-        what the policy would do."""
-        test = self.store.setting(AB_SETTING)
-        if not test:
-            return None
-        live = getattr(self.engine, "adapter", None)
-        if self.registry is not None:
-            live = self.registry.active()
-        picks = self.store.ab_picks(test["candidate"], live, since=test.get("started_at"))
-        result = ab.standing(picks, test["candidate"], live)
-        decision, reason = ab.decide(result, test.get("min_votes", ab.DEFAULT_MIN_VOTES))
-        return dict(test, standing=result.as_dict(), decision=decision, reason=reason)
-
-    def apply_ab_policy(self) -> dict | None:
-        """With the policy on (the test's `auto`), promote a candidate that wins clearly, or end the
-        test keeping the live version when it wins clearly. Returns the status it acted on."""
-        status = self.ab_status()
-        if not status or not status.get("auto") or status["decision"] == "wait" or self.registry is None:
-            return status
-        candidate = status["candidate"]
-        if status["decision"] == "promote":
-            if candidate is None:
-                self.registry.deactivate(reason=f"A/B: {status['reason']}")
-            else:
-                self.registry.activate(candidate, reason=f"A/B: {status['reason']}", force=True)
-        self.store.set_setting(AB_SETTING, None, "A/B policy")
-        self.store.set_setting("ab_test_last", dict(status, ended="promoted" if status["decision"] == "promote"
-                                                    else "kept live"), "A/B policy")
-        return status
+        return {"comparison_id": comparison_id, "pick": pick, "message_id": chosen, **recorded}
 
     # ------------------------------------------------------------ reading
 
@@ -417,6 +329,19 @@ class ChatService:
         message = self._own_message(user, message_id)
         self.store.set_leaf(message["conversation_id"], self._newest_leaf(message["id"]))
         return self.conversation(user, message["conversation_id"])
+
+    def message(self, user: User, message_id) -> dict:
+        """One of the caller's messages, as stored."""
+        return self._own_message(user, message_id)
+
+    def answer_siblings(self, user: User, message_id) -> list[int]:
+        """The ids of the answers among the caller's message `message_id` and its siblings, oldest first."""
+        message = self._own_message(user, message_id)
+        return [m["id"] for m in self.store.siblings(message["id"]) if m["role"] == "assistant"]
+
+    def system_prompt(self, user: User, conversation_id) -> str:
+        """The system prompt the caller's conversation was started with."""
+        return self._own_conversation(user, conversation_id).get("system_prompt") or ""
 
     def conversations(self, user: User) -> list[dict]:
         return self.store.conversations(self.user_id(user))

@@ -1,0 +1,114 @@
+"""The store's connection, its write transactions and its WAL journal: the part of `Store` every
+query module (store_conversations, store_labels, store_runs) builds on.
+
+Invariants:
+- WAL mode and a busy timeout; each thread has its own connection; every unit of work runs in
+  one `BEGIN IMMEDIATE` transaction taken under a process-wide lock (`write()`), so writes from
+  the web threads are serialised here and writes from other processes wait for the file lock.
+  A crash at any point leaves every committed unit of work and none of the uncommitted ones.
+- The schema comes only from `migrations.py`; opening a store applies the migrations it lacks.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from chatapp.feedback.migrations import migrations
+
+DB_NAME = "chatapp.db"
+IMAGES_DIR = "images"
+BUSY_TIMEOUT_S = 30
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    # Switching a fresh file to WAL needs an exclusive lock, and SQLite does not wait for it through the
+    # busy handler: two processes creating the store at once would see "database is locked". Retry.
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+_WRITE_LOCKS: dict[Path, threading.RLock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _write_lock_for(path: Path) -> threading.RLock:
+    """One lock per database file in this process, shared by every Store opened on it."""
+    with _WRITE_LOCKS_GUARD:
+        return _WRITE_LOCKS.setdefault(path, threading.RLock())
+
+
+class StoreBase:
+    def __init__(self, data_dir: str | os.PathLike):
+        self.data_dir = Path(data_dir).resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / IMAGES_DIR).mkdir(exist_ok=True)
+        self.path = self.data_dir / DB_NAME
+        self._local = threading.local()
+        self._write_lock = _write_lock_for(self.path)
+        with self.write() as db:  # the migration lock: two processes starting at once apply them once
+            migrations.apply(db)
+
+    @property
+    def db(self) -> Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+            _enable_wal(conn)
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process crashes
+            conn.execute("PRAGMA foreign_keys = ON")
+            db = self._local.db = Database(conn, execute_plugins=False)
+        return db
+
+    @contextlib.contextmanager
+    def write(self):
+        """One unit of work: everything inside commits together or not at all."""
+        with self._write_lock:
+            db = self.db
+            if db.conn.in_transaction:  # nested unit of work: part of the outer one
+                with db.atomic():
+                    yield db
+                return
+            db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.rollback()
+                raise
+            else:
+                try:
+                    db.conn.execute("COMMIT")
+                except BaseException:
+                    # a failed COMMIT (disk full, deferred constraint) leaves the transaction open
+                    db.rollback()
+                    raise
+
+    def query(self, sql: str, params=()) -> list[dict]:
+        return list(self.db.query(sql, params))
+
+    def one(self, sql: str, params=()) -> dict | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
+
+    def count(self, sql: str, params=()) -> int:
+        """The `n` of a `SELECT count(*) AS n ...` query."""
+        return self.one(sql, params)["n"]
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
