@@ -1,40 +1,90 @@
 """Settings and limits, in one place.
 
 Invariants:
-- Every bound on user-controlled generation input is a named constant here, checked only in
-  `validate_generation()`; the engine, the CLI and the web page all call it.
+- Each generation input (the sampling parameters and the system prompt) is declared once, as a
+  `GenerationParam` here: its type, default, bounds and label. `validate_generation()` (the only
+  place sampling values are checked; the engine, the CLI and the web layer all call it),
+  `GenerationParams`, the `ask` flags, the page's settings widgets and the API endpoints'
+  parameters are all derived from these specs.
 - Nothing here imports torch or gradio: both the web layer and the engine import this module.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, make_dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: chatapp/core/config.py -> ../..
+# Where things live. In a checkout (pyproject.toml beside the package) data goes to the checkout's
+# data/ and the demo model is the committed data/demo-model/. Installed there is no project root:
+# the demo model ships inside the package (chatapp/demo/weights, mapped from data/demo-model by
+# pyproject.toml) and data goes to ./data under the current folder.
+_ABOVE_PACKAGE = Path(__file__).resolve().parents[2]  # chatapp/core/config.py -> ../..
+PROJECT_ROOT: Path | None = _ABOVE_PACKAGE if (_ABOVE_PACKAGE / "pyproject.toml").is_file() else None
 DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 DEMO_MODEL_NAME = "demo"
-DEMO_MODEL_DIR = PROJECT_ROOT / "data" / "demo-model"
+DEMO_MODEL_DIR = (PROJECT_ROOT / "data" / "demo-model" if PROJECT_ROOT is not None
+                  else Path(__file__).resolve().parents[1] / "demo" / "weights")
+DATA_DIR_HELP = "$CHATAPP_DATA_DIR, else data/ in the project's checkout, or ./data when chatapp is installed"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
-DEFAULT_SYSTEM_PROMPT = ""
 
-# Generation limits (inclusive).
-TEMPERATURE_MIN, TEMPERATURE_MAX = 0.0, 2.0
-TOP_K_MIN, TOP_K_MAX = 0, 1000  # 0 = off
-TOP_P_MIN, TOP_P_MAX = 0.01, 1.0  # 1.0 = off
-MAX_NEW_TOKENS_MIN, MAX_NEW_TOKENS_MAX = 1, 2048
-REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 1.0, 2.0  # 1.0 = off
-SEED_MIN, SEED_MAX = 0, 2**32 - 1
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_TOP_K = 50
-DEFAULT_TOP_P = 1.0
-DEFAULT_MAX_NEW_TOKENS = 256
-DEFAULT_REPETITION_PENALTY = 1.0
+# Generation inputs, each declared once.
+@dataclass(frozen=True)
+class GenerationParam:
+    """One user-settable generation input. Bounds are inclusive (for text, of its length); a default
+    of None makes the value optional (left out or empty: drawn at random)."""
+    name: str
+    kind: type  # float, int or str
+    default: object
+    low: float
+    high: float
+    label: str
+    note: str = ""  # what a special value means, shown wherever the input is offered
+    step: float = 1  # of the page's slider
+    slider_high: float | None = None  # where the page's slider stops when the full range is too long to drag
+    web: bool = True  # the page and the API offer it, not only the CLI
+
+    @property
+    def optional(self) -> bool:
+        return self.default is None
+
+    @property
+    def annotation(self):
+        return self.kind | None if self.optional else self.kind
+
+    def describe(self, default=...) -> str:
+        """Bounds, special value and default in one line (CLI help, API docs); `default` overrides ours."""
+        default = self.default if default is ... else default
+        bounds = f"at most {self.high} characters" if self.kind is str else f"{self.low} to {self.high}"
+        return "; ".join(bit for bit in (bounds, self.note, "" if default in (None, "") else f"default {default}")
+                         if bit)
+
+    def check(self, value):
+        """A sampling value as `kind` within bounds, else ParameterError naming the input, bounds and value."""
+        if self.optional and (value is None or value == ""):
+            return None
+        return _number(self.name, value, self.kind, self.low, self.high)
+
+
+TEMPERATURE = GenerationParam("temperature", float, 0.7, 0.0, 2.0, "Temperature", "0 = greedy", step=0.05)
+TOP_K = GenerationParam("top_k", int, 50, 0, 1000, "Top-k", "0 = off", slider_high=200)
+TOP_P = GenerationParam("top_p", float, 1.0, 0.01, 1.0, "Top-p", "1 = off", step=0.01)
+MAX_NEW_TOKENS = GenerationParam("max_new_tokens", int, 256, 1, 2048, "Max new tokens", slider_high=1024)
+# CLI only: the page and the API never offered it, and their parameter lists are a published contract.
+REPETITION_PENALTY = GenerationParam("repetition_penalty", float, 1.0, 1.0, 2.0, "Repetition penalty", "1 = off",
+                                     web=False)
+SEED = GenerationParam("seed", int, None, 0, 2**32 - 1, "Seed", "empty = random")
+SAMPLING_PARAMS = (TEMPERATURE, TOP_K, TOP_P, MAX_NEW_TOKENS, REPETITION_PENALTY, SEED)  # GenerationParams' order
+WEB_SAMPLING_PARAMS = tuple(param for param in SAMPLING_PARAMS if param.web)
+SYSTEM_PROMPT = GenerationParam("system_prompt", str, "", 0, 2000, "System prompt")
+# The bounds and defaults other modules name, read off the specs.
+DEFAULT_TEMPERATURE, TEMPERATURE_MAX = TEMPERATURE.default, TEMPERATURE.high
+DEFAULT_MAX_NEW_TOKENS = MAX_NEW_TOKENS.default
+SEED_MAX = SEED.high
+MAX_SYSTEM_PROMPT_CHARS = SYSTEM_PROMPT.high
 
 # Request limits.
 MAX_MESSAGE_CHARS = 4000
-MAX_SYSTEM_PROMPT_CHARS = 2000
 MAX_IMAGES_PER_MESSAGE = 4
 MAX_CONVERSATION_MESSAGES = 200  # messages on one conversation's path; a new chat starts fresh
 MAX_COMMENT_CHARS = 2000
@@ -50,8 +100,10 @@ FEEDBACK_CONCURRENCY = 8
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The folder for the database, images and adapters: argument, else $CHATAPP_DATA_DIR, else ./data."""
-    return Path(explicit or os.environ.get("CHATAPP_DATA_DIR") or PROJECT_ROOT / "data").resolve()
+    """The folder for the database, images and adapters: argument, else $CHATAPP_DATA_DIR, else the
+    checkout's data/, or ./data under the current folder when installed (see DATA_DIR_HELP)."""
+    default = PROJECT_ROOT / "data" if PROJECT_ROOT is not None else Path.cwd() / "data"
+    return Path(explicit or os.environ.get("CHATAPP_DATA_DIR") or default).resolve()
 
 
 def requested_model(explicit: str | None = None) -> str | None:
@@ -63,21 +115,18 @@ class ParameterError(ValueError):
     """A user-supplied value is out of bounds; the message says which, the bounds and the value."""
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    temperature: float = DEFAULT_TEMPERATURE
-    top_k: int = DEFAULT_TOP_K
-    top_p: float = DEFAULT_TOP_P
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
-    seed: int | None = None
+def _is_greedy(params) -> bool:
+    return params.temperature == 0
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+def _as_dict(params) -> dict:
+    return asdict(params)
+
+
+GenerationParams = make_dataclass(
+    "GenerationParams", [(param.name, param.annotation, param.default) for param in SAMPLING_PARAMS], frozen=True,
+    namespace={"__module__": __name__, "__doc__": "Sampling parameters, one field per SAMPLING_PARAMS spec.",
+               "greedy": property(_is_greedy), "as_dict": _as_dict})
 
 
 def _number(name: str, value, kind, low, high):
@@ -94,19 +143,14 @@ def _number(name: str, value, kind, low, high):
     return number
 
 
-def validate_generation(temperature=DEFAULT_TEMPERATURE, top_k=DEFAULT_TOP_K, top_p=DEFAULT_TOP_P,
-                        max_new_tokens=DEFAULT_MAX_NEW_TOKENS, repetition_penalty=DEFAULT_REPETITION_PENALTY,
-                        seed=None) -> GenerationParams:
-    """The one place generation inputs are checked. Raises ParameterError with a readable message."""
-    return GenerationParams(
-        temperature=_number("temperature", temperature, float, TEMPERATURE_MIN, TEMPERATURE_MAX),
-        top_k=_number("top_k", top_k, int, TOP_K_MIN, TOP_K_MAX),
-        top_p=_number("top_p", top_p, float, TOP_P_MIN, TOP_P_MAX),
-        max_new_tokens=_number("max_new_tokens", max_new_tokens, int, MAX_NEW_TOKENS_MIN, MAX_NEW_TOKENS_MAX),
-        repetition_penalty=_number("repetition_penalty", repetition_penalty, float,
-                                   REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX),
-        seed=None if seed is None or seed == "" else _number("seed", seed, int, SEED_MIN, SEED_MAX),
-    )
+def validate_generation(**values) -> GenerationParams:
+    """The one place sampling values are checked: any of SAMPLING_PARAMS by name, the rest take their
+    defaults. Raises ParameterError with a readable message; TypeError for a name that is none of them."""
+    unknown = values.keys() - {param.name for param in SAMPLING_PARAMS}
+    if unknown:
+        raise TypeError(f"validate_generation() got unexpected parameters: {', '.join(sorted(unknown))}")
+    return GenerationParams(**{param.name: param.check(values.get(param.name, param.default))
+                               for param in SAMPLING_PARAMS})
 
 
 def sampling_kwargs(params: GenerationParams) -> dict:

@@ -1,11 +1,14 @@
 """The public HTTP API (for `gradio_client`): one typed endpoint per chat and feedback action.
 
 Invariants:
-- Endpoint names and parameters are stable and documented in the README: /chat, /regenerate,
+- Endpoint names and parameters are stable and documented in docs/api.md: /chat, /regenerate,
   /vote, /prefer, /compare, /compare_pick, /conversations, /conversation, /feedback_stats.
 - Each endpoint resolves the caller from the login (`gr.Request.username`) and calls `ChatService`,
   which validates every input and checks the caller's rights; errors come back as one readable
   message (`gr.Error`), and the server keeps serving.
+- The generation endpoints' sampling and system-prompt parameters (names, types, defaults, docs)
+  come from config's `GenerationParam` specs; only their position and the defaults an endpoint
+  overrides are stated here.
 - Never imports torch.
 """
 from __future__ import annotations
@@ -56,12 +59,51 @@ def caller(users: Users, request: gr.Request | None):
     return user
 
 
-def _file_path(file) -> str | None:
+def file_path(file) -> str | None:
+    """The path of an uploaded file, however gradio handed it over (FileData, dict, str), or None."""
     if file is None:
         return None
     if isinstance(file, dict):
         return file.get("path")
     return getattr(file, "path", None) or (file if isinstance(file, str) else None)
+
+
+def _generation_endpoint(users: Users, *, system_prompt: bool, **defaults):
+    """Decorator for a streaming endpoint. The signature gradio reads is the function's own parameters,
+    then config.WEB_SAMPLING_PARAMS (their defaults, or `defaults`), then config.SYSTEM_PROMPT if asked,
+    then the request; their bounds are appended to the docstring as Args. The function gets the caller
+    as `user`, the sampling values validated as `params`, and `system_prompt` when asked, as keywords."""
+    spliced = config.WEB_SAMPLING_PARAMS + ((config.SYSTEM_PROMPT,) if system_prompt else ())
+    unknown = defaults.keys() - {param.name for param in spliced}
+    if unknown:
+        raise TypeError(f"no such endpoint parameter: {', '.join(sorted(unknown))}")
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+        public = signature.replace(parameters=[
+            *(p for p in signature.parameters.values() if p.kind is positional),
+            *(inspect.Parameter(param.name, positional, default=defaults.get(param.name, param.default),
+                                annotation=param.annotation) for param in spliced),
+            inspect.Parameter("request", positional, default=None, annotation=gr.Request)])
+
+        @functools.wraps(fn)
+        def endpoint(*args, **kwargs):
+            bound = public.bind(*args, **kwargs)
+            bound.apply_defaults()
+            values = bound.arguments
+            user = caller(users, values.pop("request"))
+            params = config.validate_generation(**{param.name: values.pop(param.name)
+                                                   for param in config.WEB_SAMPLING_PARAMS})
+            yield from fn(**values, user=user, params=params)
+
+        endpoint.__signature__ = public
+        endpoint.__annotations__ = {**{p.name: p.annotation for p in public.parameters.values()},
+                                    "return": signature.return_annotation}
+        endpoint.__doc__ = inspect.cleandoc(fn.__doc__) + "\n\nArgs:\n" + "\n".join(
+            f"    {param.name}: {param.describe(defaults.get(param.name, param.default))}" for param in spliced)
+        return endpoint
+    return decorate
 
 
 def register(service: ChatService, users: Users) -> None:
@@ -70,43 +112,30 @@ def register(service: ChatService, users: Users) -> None:
     quick = dict(concurrency_limit=config.FEEDBACK_CONCURRENCY, concurrency_id="feedback")
 
     @as_gradio_errors
-    def chat(conversation_id: str = "", text: str = "", image: FileData | None = None,
-             temperature: float = config.DEFAULT_TEMPERATURE, top_k: int = config.DEFAULT_TOP_K,
-             top_p: float = config.DEFAULT_TOP_P, max_new_tokens: int = config.DEFAULT_MAX_NEW_TOKENS,
-             seed: int | None = None, system_prompt: str = "", request: gr.Request = None) -> Iterator[dict]:
+    @_generation_endpoint(users, system_prompt=True)
+    def chat(conversation_id: str = "", text: str = "", image: FileData | None = None, *, user, params,
+             system_prompt) -> Iterator[dict]:
         """Start (empty conversation_id) or continue a conversation. Streams dicts; the last has done=true,
         the conversation id, the answer's message_id, its text, model and adapter version."""
-        user = caller(users, request)
-        params = config.validate_generation(temperature=temperature, top_k=top_k, top_p=top_p,
-                                            max_new_tokens=max_new_tokens, seed=seed)
-        image_path = _file_path(image)
+        image_path = file_path(image)
         for event in service.chat(user, conversation_id, text, [image_path] if image_path else [], params,
                                   system_prompt):
             yield event.as_dict()
 
     @as_gradio_errors
-    def regenerate(message_id: int, temperature: float = config.DEFAULT_TEMPERATURE,
-                   top_k: int = config.DEFAULT_TOP_K, top_p: float = config.DEFAULT_TOP_P,
-                   max_new_tokens: int = config.DEFAULT_MAX_NEW_TOKENS, seed: int | None = None,
-                   request: gr.Request = None) -> Iterator[dict]:
+    @_generation_endpoint(users, system_prompt=False)
+    def regenerate(message_id: int, *, user, params) -> Iterator[dict]:
         """A new answer to the prompt of answer `message_id`, kept as its sibling. Same outputs as /chat."""
-        user = caller(users, request)
-        params = config.validate_generation(temperature=temperature, top_k=top_k, top_p=top_p,
-                                            max_new_tokens=max_new_tokens, seed=seed)
         for event in service.regenerate(user, message_id, params):
             yield event.as_dict()
 
     @as_gradio_errors
-    def compare(conversation_id: str = "", text: str = "", image: FileData | None = None,
-                temperature: float = 1.0, top_k: int = config.DEFAULT_TOP_K, top_p: float = config.DEFAULT_TOP_P,
-                max_new_tokens: int = config.DEFAULT_MAX_NEW_TOKENS, seed: int | None = None,
-                system_prompt: str = "", request: gr.Request = None) -> Iterator[dict]:
+    @_generation_endpoint(users, system_prompt=True, temperature=1.0)  # two answers to choose from: let them differ
+    def compare(conversation_id: str = "", text: str = "", image: FileData | None = None, *, user, params,
+                system_prompt) -> Iterator[dict]:
         """Two answers (side "a" then "b") to one prompt. The last dict has meta.comparison_id,
         meta.a_message_id and meta.b_message_id; record the pick with /compare_pick."""
-        user = caller(users, request)
-        params = config.validate_generation(temperature=temperature, top_k=top_k, top_p=top_p,
-                                            max_new_tokens=max_new_tokens, seed=seed)
-        image_path = _file_path(image)
+        image_path = file_path(image)
         for event in service.compare(user, conversation_id, text, [image_path] if image_path else [], params,
                                      system_prompt):
             yield event.as_dict()
@@ -138,7 +167,7 @@ def register(service: ChatService, users: Users) -> None:
         """One of your conversations: the messages on its current branch with images (their names in the
         store, images/<sha256>.png), siblings, votes."""
         conversation = service.conversation(caller(users, request), conversation_id)
-        root = service.store.data_dir
+        root = service.data_dir
         for message in conversation["messages"]:
             message["images"] = [str(Path(p).relative_to(root)) for p in message["images"]]
         return conversation

@@ -4,6 +4,8 @@ navigation, preferring an answer, edit, compare mode, the sidebar of past conver
 Invariants:
 - Never imports torch; every action goes through `ChatService` (which validates and authorizes),
   so the page can do nothing the API could not.
+- The generation settings widgets come from config's specs (`generation_settings`); the
+  handlers take their values in `config.WEB_SAMPLING_PARAMS` order.
 - Handlers are methods of `ChatPage`, plain functions of their inputs plus the caller's request,
   testable without a server. Page events are private; the API lives in `api.py`.
 - The chat shown is always rebuilt from the store after an action; `PageState` only remembers which
@@ -17,7 +19,8 @@ from dataclasses import dataclass, field, replace
 import gradio as gr
 
 from chatapp.core import config
-from chatapp.web.api import as_gradio_errors, caller, register
+from chatapp.web import generation_settings
+from chatapp.web.api import as_gradio_errors, caller, file_path, register
 from chatapp.web.chat import ChatService
 from chatapp.core.errors import RequestError
 from chatapp.web.users import Users
@@ -78,11 +81,8 @@ def _sibling_label(conversation: dict | None, selected_id: int | None) -> str:
 
 def _message_parts(message: dict | None) -> tuple[str, list[str]]:
     message = message or {}
-    text = message.get("text") or ""
-    files = []
-    for f in message.get("files") or []:
-        files.append(f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None)))
-    return text, [f for f in files if f]
+    files = [file_path(f) for f in message.get("files") or []]
+    return message.get("text") or "", [f for f in files if f]
 
 
 class ChatPage:
@@ -132,7 +132,7 @@ class ChatPage:
         if conversation_id in (None, ""):
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         chatbot, state, label = self._show(user, state, int(conversation_id))
-        system_prompt = self.service.store.conversation(state.conversation_id)["system_prompt"]
+        system_prompt = self.service.system_prompt(user, state.conversation_id)
         return chatbot, state, label, system_prompt
 
     def new_chat(self):
@@ -156,8 +156,7 @@ class ChatPage:
                 entries = pending + [{"role": "assistant", "content": event.text}]
                 yield {self.chatbot: gr.Chatbot(value=entries),
                        self.state: replace(state, conversation_id=conversation_id)}
-        user_ = user
-        chatbot, new_state, label = self._show(user_, state, conversation_id)
+        chatbot, new_state, label = self._show(user, state, conversation_id)
         info = ""
         if last is not None and last.done:
             meta = last.meta
@@ -177,8 +176,7 @@ class ChatPage:
     def send(self, message, state: PageState, temperature, top_k, top_p, max_new_tokens, seed, system_prompt,
              compare_mode, request: gr.Request):
         user = caller(self.users, request)
-        params = config.validate_generation(temperature=temperature, top_k=top_k, top_p=top_p,
-                                            max_new_tokens=max_new_tokens, seed=seed)
+        params = generation_settings.validated(temperature, top_k, top_p, max_new_tokens, seed)
         text, files = _message_parts(message)
         shown = render(self.service.conversation(user, state.conversation_id))[0] if state.conversation_id else []
         pending = shown + [{"role": "user", "content": {"path": f}} for f in files]
@@ -199,8 +197,7 @@ class ChatPage:
         user = caller(self.users, request)
         if state.selected_id is None:
             raise RequestError("there is no answer to regenerate yet")
-        params = config.validate_generation(temperature=temperature, top_k=top_k, top_p=top_p,
-                                            max_new_tokens=max_new_tokens, seed=seed)
+        params = generation_settings.validated(temperature, top_k, top_p, max_new_tokens, seed)
         # regenerate the last answer: a new sibling of it, shown in its place
         conversation = self.service.conversation(user, state.conversation_id)
         answers = [m for m in conversation["messages"] if m["role"] == "assistant"]
@@ -213,8 +210,7 @@ class ChatPage:
              request: gr.Request):
         user = caller(self.users, request)
         message_id = self._entry_message_id(state, edit.index)
-        params = config.validate_generation(temperature=temperature, top_k=top_k, top_p=top_p,
-                                            max_new_tokens=max_new_tokens, seed=seed)
+        params = generation_settings.validated(temperature, top_k, top_p, max_new_tokens, seed)
         value = edit.value
         text = value if isinstance(value, str) else (value or {}).get("text", "") if isinstance(value, dict) else str(value)
         index = edit.index[0] if isinstance(edit.index, (list, tuple)) else edit.index
@@ -241,7 +237,7 @@ class ChatPage:
         user = caller(self.users, request)
         if state.feedback_id is None:
             raise RequestError("vote on an answer first")
-        current = self.service.store.vote(self.service.user_id(user), state.feedback_id)
+        current = self.service.current_vote(user, state.feedback_id)
         if current is None:
             raise RequestError("vote on an answer first")
         self.service.vote(user, state.feedback_id, current["vote"], reasons or [], comment or "")
@@ -252,7 +248,7 @@ class ChatPage:
     def select_message(self, select: gr.SelectData, state: PageState, request: gr.Request):
         user = caller(self.users, request)
         message_id = self._entry_message_id(state, select.index)
-        message = self.service.store.message(message_id)
+        message = self.service.message(user, message_id)
         if message is None or message["role"] != "assistant":
             return gr.skip(), gr.skip()
         conversation = self.service.conversation(user, state.conversation_id)
@@ -263,7 +259,7 @@ class ChatPage:
         user = caller(self.users, request)
         if state.selected_id is None:
             raise RequestError("there is no answer to switch yet")
-        siblings = [m["id"] for m in self.service.store.siblings(state.selected_id) if m["role"] == "assistant"]
+        siblings = self.service.answer_siblings(user, state.selected_id)
         position = siblings.index(state.selected_id) + step
         if not 0 <= position < len(siblings):
             return gr.skip(), gr.skip(), gr.skip()
@@ -358,20 +354,7 @@ class ChatPage:
                     compare_mode = gr.Checkbox(label="Compare mode: two answers side by side, you pick the better",
                                                elem_id="compare-mode")
                 self.info = gr.Markdown(elem_id="reply-info")
-                with gr.Accordion("Generation settings", open=False):
-                    temperature = gr.Slider(config.TEMPERATURE_MIN, config.TEMPERATURE_MAX,
-                                            value=config.DEFAULT_TEMPERATURE, step=0.05,
-                                            label="Temperature (0 = greedy)", elem_id="temperature")
-                    top_k = gr.Slider(config.TOP_K_MIN, 200, value=config.DEFAULT_TOP_K, step=1,
-                                      label="Top-k (0 = off)", elem_id="top-k")
-                    top_p = gr.Slider(config.TOP_P_MIN, config.TOP_P_MAX, value=config.DEFAULT_TOP_P, step=0.01,
-                                      label="Top-p (1 = off)", elem_id="top-p")
-                    max_new_tokens = gr.Slider(config.MAX_NEW_TOKENS_MIN, 1024, value=config.DEFAULT_MAX_NEW_TOKENS,
-                                               step=1, label="Max new tokens", elem_id="max-new-tokens")
-                    seed = gr.Textbox(label=f"Seed (empty = random; {config.SEED_MIN} to {config.SEED_MAX})", value="",
-                                      elem_id="seed", max_lines=1)
-                    system_prompt = gr.Textbox(label="System prompt", value=config.DEFAULT_SYSTEM_PROMPT,
-                                               max_length=config.MAX_SYSTEM_PROMPT_CHARS, elem_id="system-prompt")
+                sampling, system_prompt = generation_settings.build_panel()
             if admin is not None:
                 self.admin_page = admin_page.AdminPage(admin, self.users)
                 self.admin_page.build_tab()
@@ -381,7 +364,6 @@ class ChatPage:
             private = dict(api_visibility="private")
             generate = dict(private, concurrency_limit=config.CHAT_CONCURRENCY, concurrency_id="generate")
             quick = dict(private, concurrency_limit=config.FEEDBACK_CONCURRENCY, concurrency_id="feedback")
-            sampling = [temperature, top_k, top_p, max_new_tokens, seed]
             stream_outputs = [self.chatbot, self.state, self.sibling_label, self.info, self.conversations,
                               self.textbox, self.compare_panel, self.compare_buttons, self.compare_a, self.compare_b]
             unlock = dict(fn=lambda: gr.MultimodalTextbox(interactive=True), inputs=None, outputs=[self.textbox],
