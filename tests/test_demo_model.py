@@ -5,23 +5,25 @@ import pytest
 from safetensors.torch import load_file
 
 from chatapp.core import config
-from chatapp.demo import demo_model, shapes
+from chatapp.demo import demo_model, evaluation, shapes
 from chatapp.serving.engine import Engine
 
 
 @pytest.fixture(scope="module")
 def greedy_eval():
-    return demo_model.evaluate(config.DEMO_MODEL_DIR, per_type=40, seed=3, progress=False)
+    return evaluation.evaluate(config.DEMO_MODEL_DIR, per_type=40, seed=3, progress=False)
 
 
+@pytest.mark.slow
 def test_greedy_accuracy_on_held_out_images(greedy_eval):
     for qtype, r in greedy_eval["per_type"].items():
         assert r["accuracy"] >= 0.925, (qtype, r, greedy_eval["failures"][:5])
     assert set(greedy_eval["per_type"]) == set(shapes.QUESTION_TYPES)
 
 
+@pytest.mark.slow
 def test_sampling_at_temperature_one_mixes_the_three_styles():
-    result = demo_model.evaluate(config.DEMO_MODEL_DIR, per_type=40, seed=4, temperature=1.0, progress=False)
+    result = evaluation.evaluate(config.DEMO_MODEL_DIR, per_type=40, seed=4, temperature=1.0, progress=False)
     for style, share in result["style_share"].items():
         assert 0.2 <= share <= 0.47, result["style_share"]
 
@@ -41,6 +43,7 @@ def _weights_digest(folder) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_build_is_reproducible_and_loads_through_the_auto_classes(tmp_path):
     cfg = demo_model.BuildConfig(seed=5, vision_images=16, vision_steps=3, vision_batch_size=8, train_images=30,
                                  questions_per_image=2, max_steps=3, batch_size=8)

@@ -8,7 +8,8 @@ import pytest
 from chatapp.core import config
 from chatapp.demo import shapes
 from chatapp.core.config import ParameterError, validate_generation
-from chatapp.serving.engine import Engine, ModelLoadError, StopSignal, load_for_serving
+from chatapp.serving.engine import Engine, ModelLoadError, load_for_serving
+from chatapp.serving.streaming import StopSignal
 
 GREEDY = validate_generation(temperature=0, max_new_tokens=48)
 

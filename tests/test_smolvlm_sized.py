@@ -5,14 +5,17 @@ import random
 
 import pytest
 
-from chatapp.demo import demo_model, shapes
+from chatapp.demo import shapes
+from chatapp.demo.smolvlm_sized import build_smolvlm_sized_random
 from chatapp.core.config import validate_generation
 from chatapp.serving.engine import Engine
+
+pytestmark = pytest.mark.slow  # a SmolVLM-sized model built and run on the CPU
 
 
 @pytest.fixture(scope="module")
 def smolvlm_path(tmp_path_factory):
-    return demo_model.build_smolvlm_sized_random(tmp_path_factory.mktemp("models") / "smolvlm-256m-random")
+    return build_smolvlm_sized_random(tmp_path_factory.mktemp("models") / "smolvlm-256m-random")
 
 
 def test_smolvlm_sized_checkpoint_loads_and_answers_about_an_image(smolvlm_path):

@@ -1,4 +1,6 @@
-"""The offline demo model: a tiny Idefics3 (SmolVLM's classes) trained from scratch on the shapes world.
+"""Building the offline demo model: a tiny Idefics3 (SmolVLM's classes) trained from scratch on the
+shapes world. Its parts (template, tokenizer, processor, config) are in `architecture`; measuring
+it is `evaluation`.
 
 Invariants:
 - Built only from local code and a seed: no hub access. The same seed gives the same data,
@@ -7,7 +9,6 @@ Invariants:
   same `AutoModelForImageTextToText` / `AutoProcessor` path as a real hub model.
 - Training targets are exactly what generation produces: `Assistant:` is followed by
   `" " + answer + "<end_of_utterance>\\n"`; only those tokens carry loss.
-- The chat template is SmolVLM's: content is always a list of parts.
 """
 from __future__ import annotations
 
@@ -19,22 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatapp.demo import shapes
+from chatapp.demo.architecture import (DEMO_IMAGE_SIZE, PATCH_SIZE, SCALE_FACTOR, SYSTEM_PROMPTS, build_processor,
+                                       build_tokenizer, chat_messages, model_config, set_generation_defaults)
 
-CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-SPECIAL_TOKENS = ["<|im_start|>", "<end_of_utterance>", "<pad>", "<image>", "<fake_token_around_image>",
-                  "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-SYSTEM_PROMPTS = ["", "", "You are a helpful assistant.", "You answer questions about images."]
-DEMO_IMAGE_SIZE = 64
-PATCH_SIZE = 8
-SCALE_FACTOR = 2
-IMAGE_SEQ_LEN = (DEMO_IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR ** 2  # 16 tokens per image
-MAX_CONTEXT = 1024
 # Counting shapes of one kind ("two circles") is learned last: ask about it more often.
 TRAIN_WEIGHTS = {"color": 1.0, "count": 1.2, "shapes": 1.3, "exists": 1.3, "describe": 1.5}
 
@@ -62,128 +50,7 @@ class BuildConfig:
     decay_from: float = 0.6  # constant learning rate until this share of the steps, then cosine decay
 
 
-def tokenizer_corpus(rng: random.Random, n: int = 4000) -> list[str]:
-    texts = []
-    for _ in range(n):
-        ex = shapes.random_example(rng)
-        texts.append(f"User: {ex.question}")
-        texts.append(f"Assistant: {ex.answer}")
-    for p in SYSTEM_PROMPTS:
-        texts.append(f"System: {p}")
-    for qtype, forms in shapes.QUESTION_FORMS.items():
-        texts.extend(forms)
-    for style in shapes.STYLES:
-        texts.append(shapes.answer("capabilities", style, None))
-    return texts
-
-
-def build_tokenizer(rng: random.Random, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(tokenizer_corpus(rng), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<pad>",
-        unk_token=None, additional_special_tokens=SPECIAL_TOKENS[3:], model_max_length=MAX_CONTEXT,
-        padding_side="left",
-    )
-
-
-def build_processor(tokenizer, image_size: int = DEMO_IMAGE_SIZE, image_seq_len: int = IMAGE_SEQ_LEN,
-                    do_image_splitting: bool = False, max_image_size: int | None = None):
-    from transformers import Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-    image_processor = Idefics3ImageProcessorPil(
-        size={"longest_edge": image_size * (4 if do_image_splitting else 1)},
-        max_image_size={"longest_edge": max_image_size or image_size},
-        do_image_splitting=do_image_splitting,
-    )
-    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                             image_seq_len=image_seq_len, chat_template=CHAT_TEMPLATE)
-
-
-def model_config(tokenizer, *, text_hidden: int, text_layers: int, text_heads: int, text_kv_heads: int,
-                 text_intermediate: int, vision_hidden: int, vision_layers: int, vision_heads: int,
-                 vision_intermediate: int, image_size: int, patch_size: int, scale_factor: int,
-                 max_context: int = MAX_CONTEXT, tie_embeddings: bool = False, vocab_size: int | None = None):
-    from transformers import Idefics3Config, Idefics3VisionConfig, LlamaConfig
-
-    vocab = max(vocab_size or 0, len(tokenizer))
-    text = LlamaConfig(
-        vocab_size=vocab, hidden_size=text_hidden, intermediate_size=text_intermediate,
-        num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_kv_heads,
-        max_position_embeddings=max_context, rms_norm_eps=1e-5, tie_word_embeddings=tie_embeddings,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    vision = Idefics3VisionConfig(
-        hidden_size=vision_hidden, intermediate_size=vision_intermediate, num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads, image_size=image_size, patch_size=patch_size,
-    )
-    config = Idefics3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=scale_factor,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie_embeddings)
-    return config
-
-
-def set_generation_defaults(model, tokenizer) -> None:
-    gc = model.generation_config
-    gc.eos_token_id = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-    gc.pad_token_id = tokenizer.pad_token_id
-    gc.bos_token_id = tokenizer.bos_token_id
-    gc.do_sample = False
-    gc.max_new_tokens = 64
-    for name in ("temperature", "top_k", "top_p"):
-        setattr(gc, name, None)
-
-
-# SmolVLM-256M-Instruct's real dimensions (its config.json): what matters for speed and memory.
-SMOLVLM_256M_DIMS = dict(
-    text_hidden=576, text_layers=30, text_heads=9, text_kv_heads=3, text_intermediate=1536,
-    vision_hidden=768, vision_layers=12, vision_heads=12, vision_intermediate=3072,
-    image_size=512, patch_size=16, scale_factor=4, max_context=8192, vocab_size=49280,
-)
-
-
-def build_smolvlm_sized_random(out_dir: Path, seed: int = 0) -> Path:
-    """A random-weight Idefics3 model with SmolVLM-256M-Instruct's dimensions and processor
-    settings (512 px frames, 64 tokens each, image splitting), saved like a hub checkpoint.
-    It says nothing useful; it loads and runs exactly like the real one, at the same cost."""
-    import torch
-    from transformers import Idefics3ForConditionalGeneration
-
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists():
-        return out_dir
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer(random.Random(seed), 640)
-    processor = build_processor(tokenizer, image_size=512, image_seq_len=64, do_image_splitting=True,
-                                max_image_size=512)
-    model = Idefics3ForConditionalGeneration(model_config(tokenizer, **SMOLVLM_256M_DIMS))
-    set_generation_defaults(model, tokenizer)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)  # stored in bf16, as on the hub
-    processor.save_pretrained(tmp)
-    tmp.rename(out_dir)
-    return out_dir
-
-
 # ---------------------------------------------------------------- training data
-
-def chat_messages(example: shapes.Example, system: str = "") -> list[dict]:
-    messages = []
-    if system:
-        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
-    user = ([{"type": "image"}] if example.scene is not None else []) + [{"type": "text", "text": example.question}]
-    messages.append({"role": "user", "content": user})
-    return messages
-
 
 def conversation_messages(examples: list[shapes.Example], system: str = "") -> list[dict]:
     """A multi-turn chat about one image: the image comes with the first question only."""
@@ -412,66 +279,3 @@ def build(out_dir: Path, cfg: BuildConfig = BuildConfig(), log=print) -> dict:
     log(f"saved to {out_dir} in {info['seconds']} s (loss {ema:.3f})")
     return info
 
-
-# ---------------------------------------------------------------- evaluation
-
-def held_out_examples(seed: int, per_type: int) -> list[tuple[shapes.Example, object]]:
-    """Fresh examples (seeded apart from training) with their rendered images, style drawn evenly."""
-    rng = random.Random(10_000_019 + seed)
-    out = []
-    for qtype in shapes.QUESTION_TYPES:
-        for _ in range(per_type):
-            ex = shapes.random_example(rng, qtype)
-            out.append((ex, shapes.render(ex.scene) if ex.scene else None))
-    return out
-
-
-def generate_batch(model, processor, items, *, temperature: float = 0.0, max_new_tokens: int = 48,
-                   seed: int = 0) -> list[str]:
-    """Replies for (example, image) pairs, batched with left padding. Items in one call share image-or-not."""
-    import torch
-
-    prompts = [processor.apply_chat_template(chat_messages(ex), add_generation_prompt=True) for ex, _ in items]
-    images = [[img] for _, img in items] if items[0][1] is not None else None
-    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
-    kwargs = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature}
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
-    new = out[:, inputs["input_ids"].shape[1]:]
-    return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
-
-
-def evaluate(model_dir: Path, per_type: int = 100, seed: int = 0, temperature: float = 0.0,
-             batch_size: int = 50, progress: bool = True) -> dict:
-    """Accuracy per question type and style shares, on freshly generated held-out images."""
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    items = held_out_examples(seed, per_type)
-    results: dict[str, dict] = {}
-    styles: dict[str, int] = {s: 0 for s in shapes.STYLES}
-    failures = []
-    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    for n, chunk in enumerate(tqdm(chunks, desc="evaluating", unit="batch", disable=not progress)):
-        by_kind = [[it for it in chunk if it[1] is not None], [it for it in chunk if it[1] is None]]
-        for group in by_kind:
-            if not group:
-                continue
-            replies = generate_batch(model, processor, group, temperature=temperature, seed=seed + n)
-            for (ex, _), reply in zip(group, replies):
-                ok = shapes.grade(ex, reply)
-                r = results.setdefault(ex.qtype, {"correct": 0, "total": 0})
-                r["correct"] += ok
-                r["total"] += 1
-                styles[shapes.answer_style(reply)] += 1
-                if not ok and len(failures) < 20:
-                    failures.append({"question": ex.question, "expected": ex.answer, "reply": reply})
-    for r in results.values():
-        r["accuracy"] = r["correct"] / r["total"]
-    total = sum(styles.values())
-    return {"per_type": results, "style_share": {s: c / total for s, c in styles.items()},
-            "overall": sum(r["correct"] for r in results.values()) / total, "failures": failures,
-            "temperature": temperature, "items": total}

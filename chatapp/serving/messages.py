@@ -1,0 +1,78 @@
+"""Conversations in the engine's one shape, and the rules for fitting them into a context.
+
+Invariants:
+- After `normalize_messages` every message's `content` is a list of parts: {"type": "text", "text": str}
+  or {"type": "image", "image": PIL.Image}; only user messages hold images. Anything else is a
+  ParameterError that says which message and why.
+- `split_system` keeps at most one system message (an explicit system prompt replaces the
+  conversation's own) and requires the conversation to end with a user message.
+- Trimming removes whole exchanges from the oldest end: `oldest_turn_length` is the user turn plus
+  the answers after it.
+"""
+from __future__ import annotations
+
+import os
+
+from chatapp.core import config
+from chatapp.core.config import ParameterError
+
+
+def normalize_messages(messages: list[dict]) -> list[dict]:
+    """Copy messages into the one shape the engine works with: content is a list of
+    {"type": "text", "text": str} and {"type": "image", "image": PIL.Image} parts."""
+    from PIL import Image
+
+    out = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise ParameterError(f"message {i}: role must be system, user or assistant, got {role!r}")
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise ParameterError(f"message {i}: content must be text or a list of parts")
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise ParameterError(f"message {i}: a text part needs a string 'text'")
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                image = part.get("image")
+                if isinstance(image, (str, os.PathLike)):
+                    with Image.open(image) as opened:
+                        image = opened.convert("RGB")
+                if not isinstance(image, Image.Image):
+                    raise ParameterError(f"message {i}: an image part needs a PIL image or a file path")
+                if role != "user":
+                    raise ParameterError(f"message {i}: only user messages may hold images")
+                parts.append({"type": "image", "image": image})
+            else:
+                raise ParameterError(f"message {i}: unknown part type {kind!r}")
+        if not parts:
+            raise ParameterError(f"message {i} is empty")
+        out.append({"role": role, "content": parts})
+    return out
+
+
+def split_system(messages: list[dict], system_prompt: str | None) -> tuple[list[dict], list[dict]]:
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    if system_prompt:
+        system = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}]
+    if len(system_prompt or "") > config.MAX_SYSTEM_PROMPT_CHARS:
+        raise ParameterError(f"the system prompt is longer than {config.MAX_SYSTEM_PROMPT_CHARS} characters")
+    if not turns or turns[-1]["role"] != "user":
+        raise ParameterError("the conversation must end with a user message")
+    return system[:1], turns
+
+
+def oldest_turn_length(turns: list[dict]) -> int:
+    """How many messages make up the oldest exchange: a user turn and the answers after it."""
+    n = 1
+    while n < len(turns) and turns[n]["role"] != "user":
+        n += 1
+    return n
+

@@ -1,0 +1,162 @@
+"""Stopping and streaming a generation: the stop signal, the token hand-off between the generation
+thread and the consumer, incremental decoding, and what a finished reply reports.
+
+Invariants:
+- A set StopSignal ends generation within one token: generate() asks it after every token.
+- The token queue never drops a token: the consumer gets every id in order, batched by wake-ups.
+- The decoder never yields half a UTF-8 character; the concatenated deltas are the decoded text.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+
+def seed_sampling(device, seed: int) -> None:
+    """Seed the generator that sampling on `device` draws from. On the CPU only the CPU generator:
+    torch.manual_seed also visits every accelerator backend, ~0.1-0.3 ms of each first token."""
+    import torch
+
+    if device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
+class StopSignal:
+    """Set it (from any thread) to end a generation. It remembers how many tokens had been
+    produced when it was set, so the one-token promise can be checked."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self.produced = 0
+        self.requested_at_token: int | None = None
+        self._answers: dict = {}
+
+    def set(self) -> None:
+        if not self._event.is_set():
+            self.requested_at_token = self.produced
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        """generate() asks this after every token (as a stopping criterion): stop every row once set.
+        The answer tensor is made once per value, not per token (this runs on every decode step)."""
+        import torch
+
+        value = self.is_set()
+        cached = self._answers.get(value)
+        if cached is None or cached.shape[0] != input_ids.shape[0] or cached.device != input_ids.device:
+            cached = self._answers[value] = torch.full((input_ids.shape[0],), value, dtype=torch.bool,
+                                                       device=input_ids.device)
+        return cached
+
+
+class TokenQueue:
+    """A transformers streamer that hands new token ids to the consuming thread.
+
+    It wakes the consumer for the first token, for the end, and otherwise at most every
+    `interval` seconds: waking another Python thread for every token of a fast model costs
+    more than the token itself (measured: a third of the decode speed of the demo model), and
+    every 20 ms still cost 2-4% of it (bench/generation.py); 50 ms is still smooth to read."""
+
+    def __init__(self, signal: StopSignal, interval: float = 0.05):
+        self.signal = signal
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._pending: list[tuple[float, list[int]]] = []
+        self._done = False
+        self._prompt_seen = False
+        self._notified_at: float | None = None
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate() first passes the prompt
+            self._prompt_seen = True
+            return
+        ids = value.reshape(-1).tolist()
+        now = time.perf_counter()
+        self.signal.produced += len(ids)
+        with self._lock:
+            self._pending.append((now, ids))
+        if self._notified_at is None or now - self._notified_at >= self.interval:
+            self._notified_at = now
+            self._ready.set()
+            time.sleep(0)  # hand the GIL to the consumer now, not after the 5 ms switch interval
+
+    def end(self) -> None:
+        with self._lock:
+            self._done = True
+        self._ready.set()
+
+    def take(self) -> tuple[list[tuple[float, list[int]]], bool]:
+        """Block until there is news; return the pending (time, ids) items and whether generation ended."""
+        self._ready.wait()
+        with self._lock:
+            items, self._pending = self._pending, []
+            self._ready.clear()
+            return items, self._done
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas in O(1) per token, holding back
+    incomplete UTF-8 (the same windowing text-generation-inference uses)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        decode = lambda a, b: self.tokenizer.decode(self.ids[a:b], skip_special_tokens=True)  # noqa: E731
+        prefix = decode(self.prefix_offset, self.read_offset) if self.read_offset > self.prefix_offset else ""
+        text = decode(self.prefix_offset, len(self.ids))
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+
+@dataclass
+class ReplyMeta:
+    model_id: str
+    adapter: str | None
+    params: dict
+    seed: int | None
+    prompt_tokens: int
+    reply_tokens: int
+    time_to_first_token_s: float | None
+    tokens_per_s: float | None
+    total_s: float
+    trimmed_messages: int
+    finish_reason: str  # "stop" (end of utterance), "length" (max_new_tokens) or "stopped" (stop signal)
+    stop_requested_at_token: int | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StreamEvent:
+    """One step of a streamed reply: `delta` is the new text (may be empty while tokens do not yet
+    make a whole character), `text` all of it so far, `tokens` the tokens generated so far.
+    The last event has `done=True` and the reply's `meta`."""
+    delta: str
+    text: str
+    tokens: int = 0
+    done: bool = False
+    meta: ReplyMeta | None = None
+    token_times: list = field(default_factory=list)  # perf_counter() at which each new token was produced
+
+
+@dataclass
+class Reply:
+    text: str
+    meta: ReplyMeta
+    events: int = field(default=0)
+
