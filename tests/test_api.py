@@ -15,8 +15,7 @@ from PIL import Image
 from chatapp.demo import shapes
 from chatapp.feedback.store import Store
 from chatapp.web.users import MAX_FAILED_LOGINS, Users, check_bind, check_password, hash_password
-from conftest import ROOT, subprocess_env
-from test_ui import start_server, stop_server
+from support import ROOT, start_server, stop_server, subprocess_env
 
 PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22", "root": "root-secret-333", "carol": "carol-secret-4"}
 
@@ -67,6 +66,7 @@ def expect_error(call, *fragments):
     return message
 
 
+@pytest.mark.slow
 def test_api_round_trip_with_login(app, alice, circle_png):
     from gradio_client import handle_file
 
@@ -113,6 +113,7 @@ def test_api_round_trip_with_login(app, alice, circle_png):
     assert sources == ["compare", "siblings"]
 
 
+@pytest.mark.slow
 def test_users_see_and_touch_only_their_own(app, alice, bob, circle_png):
     url, _ = app
     answer = alice.predict(conversation_id="", text="Hello!", temperature=0, api_name="/chat")
@@ -139,6 +140,7 @@ def test_users_see_and_touch_only_their_own(app, alice, bob, circle_png):
     assert conversation["messages"][-1]["vote"] is None
 
 
+@pytest.mark.slow
 def test_login_is_required_and_throttled(app):
     from gradio_client import Client
 
@@ -194,6 +196,7 @@ def bad_files(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_bad_input_gets_a_clear_error_and_nothing_is_stored(app, alice, bad_files):
     from gradio_client import handle_file
 
@@ -287,6 +290,7 @@ def test_users_file_hashes_and_throttles(tmp_path):
     assert check_password("p4ssword!", hash_password("p4ssword!")) and not check_password("x", hash_password("y"))
 
 
+@pytest.mark.slow
 def test_binding_beyond_loopback_needs_users(tmp_path):
     users = Users(tmp_path)
     check_bind("127.0.0.1", users)

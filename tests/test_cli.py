@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from chatapp.demo import shapes
-from conftest import ROOT, subprocess_env
+from support import ROOT, subprocess_env
 
 
 def run_cli(*args, **env):
@@ -23,6 +23,7 @@ def test_help_lists_the_subcommands():
     assert "--data-dir" in run_cli("serve", "--help").stdout
 
 
+@pytest.mark.slow
 def test_ask_prints_only_the_correct_answer(tmp_path):
     rng = random.Random(2024)
     for i in range(3):
@@ -35,6 +36,7 @@ def test_ask_prints_only_the_correct_answer(tmp_path):
         assert "notice" not in out.stderr
 
 
+@pytest.mark.slow
 def test_ask_without_a_model_falls_back_to_demo_with_a_notice_on_stderr(tmp_path):
     scene = shapes.Scene((shapes.Shape("circle", "green", 30, 30, 10),))
     path = tmp_path / "circle.png"
@@ -46,6 +48,7 @@ def test_ask_without_a_model_falls_back_to_demo_with_a_notice_on_stderr(tmp_path
     assert "HuggingFaceTB/SmolVLM-256M-Instruct" in out.stderr and "demo model" in out.stderr
 
 
+@pytest.mark.slow
 def test_explicit_unknown_model_is_a_clear_error_not_a_fallback():
     out = run_cli("ask", "--model", "no-such-org/no-such-model", "hello")
     assert out.returncode == 2
@@ -53,6 +56,7 @@ def test_explicit_unknown_model_is_a_clear_error_not_a_fallback():
     assert "Traceback" not in out.stderr and out.stdout == ""
 
 
+@pytest.mark.slow
 def test_env_model_counts_as_named(monkeypatch):
     out = run_cli("ask", "hello", CHATAPP_MODEL="no-such-org/other")
     assert out.returncode == 2 and "no-such-org/other" in out.stderr

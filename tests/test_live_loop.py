@@ -29,7 +29,10 @@ from chatapp.demo import shapes
 from chatapp.learning import simulate
 from chatapp.learning.registry import Registry
 from chatapp.feedback.store import Store
-from test_ui import start_server, stop_server
+from support import start_server, stop_server
+
+pytestmark = pytest.mark.slow  # a server with its background trainer, and training
+
 
 TRAIN_AFTER = 200
 SEEDED_VOTES = 195
@@ -137,6 +140,7 @@ def ask_in_page(page, question):
     return answer
 
 
+@pytest.mark.browser
 def test_page_votes_trigger_a_run_that_goes_live_under_load(live, browser, image, artifacts):
     from playwright.sync_api import expect
 
@@ -205,6 +209,7 @@ def test_page_votes_trigger_a_run_that_goes_live_under_load(live, browser, image
         assert (store.generation(r["message_id"])["adapter_version"] or "none") == r["adapter"]
 
 
+@pytest.mark.browser
 def test_rollback_from_the_admin_tab_reaches_the_chat_within_2_seconds(live, browser):
     from playwright.sync_api import expect
 

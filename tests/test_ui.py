@@ -2,10 +2,6 @@
 Chromium: image question, streamed answer, thumbs with a reason, regenerate, prefer, reload and
 reopen, compare mode, edit; the store is checked afterwards."""
 import json
-import subprocess
-import sys
-import time
-import urllib.request
 
 import gradio as gr
 import pytest
@@ -15,7 +11,7 @@ from chatapp.web.chat import ChatService
 from chatapp.feedback.store import Store
 from chatapp.web.ui import ChatPage, PageState, render
 from chatapp.web.users import Users
-from conftest import ROOT, free_port, subprocess_env
+from support import start_server, stop_server
 
 @pytest.fixture
 def image_file(tmp_path):
@@ -82,35 +78,6 @@ def test_render_marks_siblings_votes_and_images():
 
 # ---------------------------------------------------------------- the real app in a browser
 
-def start_server(data, args=("--no-trainer",), **env):
-    """The real app in its own process (by default without the background trainer: the live-loop
-    tests start it with their own options)."""
-    port = free_port()
-    log = open(data / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--data-dir", str(data), *args], cwd=ROOT,
-                            env=subprocess_env(HF_HUB_OFFLINE="1", **env), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return proc, url
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not start: " + (data / "server.log").read_text())
-
-
-def stop_server(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
@@ -119,6 +86,7 @@ def server(tmp_path_factory):
     stop_server(proc)
 
 
+@pytest.mark.slow
 def test_serve_prints_the_offline_notice(server):
     _, data = server
     text = (data / "server.log").read_text()
@@ -131,6 +99,8 @@ def set_slider(page, elem_id, value):
     box.press("Enter")
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_browser_chat_vote_regenerate_prefer_reopen(server, browser, image_file, artifacts):
     from playwright.sync_api import expect
 
@@ -202,6 +172,8 @@ def test_browser_chat_vote_regenerate_prefer_reopen(server, browser, image_file,
     assert first["generation"]["params"]["temperature"] == 0.0 and first["generation"]["model_id"] == "demo"
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_browser_compare_and_edit(server, browser, image_file, artifacts):
     from playwright.sync_api import expect
 

@@ -13,17 +13,20 @@ Invariants:
   fixed shapes questions; other models: an optional JSONL of prompts, images and expected
   keywords), and, when a scorer is given, its sampled answers on held-out prompts must score higher
   than the live policy's.
-- The decision and every number behind it are returned, so the registry can record them.
+- The decision and every number behind it are returned, so the registry can record them; the
+  decision is a pure function of those numbers and the settings (`verdict`).
+- The AUC's p-value is Mann-Whitney U's (scipy): exact for small samples without ties, otherwise
+  the normal approximation with tie correction.
 """
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from scipy.stats import mannwhitneyu
 
 from chatapp.learning import modelops
 
@@ -46,22 +49,20 @@ class GateSettings:
         return asdict(self)
 
 
+def auc_and_p(positives: list[float], negatives: list[float]) -> tuple[float, float] | tuple[None, None]:
+    """P(random positive > random negative), ties counting half, and the one-sided p-value of an AUC
+    at least that high when the scores know nothing of the labels: Mann-Whitney U (AUC = U / (n * m);
+    exact for small tie-free samples, else the normal approximation with tie correction).
+    (None, None) when either side is empty."""
+    if not positives or not negatives:
+        return None, None
+    result = mannwhitneyu(positives, negatives, alternative="greater")
+    return float(result.statistic) / (len(positives) * len(negatives)), float(result.pvalue)
+
+
 def auc(positives: list[float], negatives: list[float]) -> float | None:
     """P(random positive > random negative), ties count half."""
-    if not positives or not negatives:
-        return None
-    wins = 0.0
-    for p in positives:
-        for n in negatives:
-            wins += 1.0 if p > n else 0.5 if p == n else 0.0
-    return wins / (len(positives) * len(negatives))
-
-
-def auc_p_value(value: float, positives: int, negatives: int) -> float:
-    """One-sided p-value of an AUC at least `value` when the scores know nothing of the labels
-    (Mann-Whitney U, normal approximation)."""
-    spread = math.sqrt((positives + negatives + 1) / (12 * positives * negatives))
-    return 0.5 * math.erfc((value - 0.5) / spread / math.sqrt(2))
+    return auc_and_p(positives, negatives)[0]
 
 
 def auc_shortfall(metrics: dict, settings: "GateSettings") -> str | None:
@@ -101,11 +102,11 @@ def preference_metrics(model, processor, kto_rows: list[dict], dpo_rows: list[di
         r = rewards(model, processor, items, policy)
         liked = [float(x) for x, it in zip(r, items) if it["label"]]
         disliked = [float(x) for x, it in zip(r, items) if not it["label"]]
-        metrics["auc"] = auc(liked, disliked)
+        metrics["auc"], p_value = auc_and_p(liked, disliked)
         metrics["liked"], metrics["disliked"] = len(liked), len(disliked)
         if liked and disliked:
             metrics["margin"] = sum(liked) / len(liked) - sum(disliked) / len(disliked)
-            metrics["auc_p"] = auc_p_value(metrics["auc"], len(liked), len(disliked))
+            metrics["auc_p"] = p_value
     if dpo_rows:
         chosen = [{"prompt": r["prompt"], "images": modelops.load_images(r["images"]),
                    "completion": r["chosen"][0]["content"][0]["text"]} for r in dpo_rows]
@@ -119,10 +120,10 @@ def preference_metrics(model, processor, kto_rows: list[dict], dpo_rows: list[di
 
 def demo_probe(per_type: int) -> list[dict]:
     """Fixed shapes questions (the same images every run) with their examples for grading."""
-    from chatapp.demo import demo_model
+    from chatapp.demo.evaluation import held_out_examples
 
     probe = []
-    for example, image in demo_model.held_out_examples(PROBE_SEED, per_type):
+    for example, image in held_out_examples(PROBE_SEED, per_type):
         content = ([{"type": "image", "text": None}] if image is not None else []) + [
             {"type": "text", "text": example.question}]
         probe.append({"prompt": [{"role": "user", "content": content}],
@@ -184,25 +185,13 @@ def measure(model, processor, policy: str | None, *, held_kto: list[dict], held_
     return metrics
 
 
-def decide(model, processor, *, candidate: str, live: str | None, held_kto: list[dict], held_dpo: list[dict],
-           probe: list[dict], settings: GateSettings, scorer: str | None = None,
-           style_prompts: list[dict] = (), live_metrics: dict | None = None, log=print) -> dict:
-    """Compare adapter `candidate` with `live` (None = the base model); both are loaded in `model`.
-    `live_metrics`: the live policy's figures from an earlier call on the same data (not measured again)."""
-    result: dict = {"settings": settings.as_dict(), "held_out_kto": len(held_kto), "held_out_dpo": len(held_dpo)}
+def verdict(cand: dict, live_metrics: dict, settings: GateSettings, *, held_out_rows: int,
+            live_is_base: bool) -> tuple[str, str]:
+    """("promoted" | "rejected", reason) for a candidate's figures against the live policy's (both
+    from `measure` on the same data); every unmet bar is named in the reason. Pure: no model."""
     reasons = []
-    if len(held_kto) + len(held_dpo) < settings.min_held_out:
-        reasons.append(f"only {len(held_kto) + len(held_dpo)} held-out rows (need {settings.min_held_out})")
-    common = dict(held_kto=held_kto, held_dpo=held_dpo, probe=probe, settings=settings, scorer=scorer,
-                  style_prompts=style_prompts)
-    log(f"gate: {candidate} on held-out feedback ({len(held_kto) + len(held_dpo)} rows), the regression probe "
-        f"({len(probe)} items) and sampled answers")
-    cand = measure(model, processor, candidate, **common)
-    if live_metrics is None:
-        log("gate: the live policy, on the same")
-        live_metrics = measure(model, processor, live, **common)
-    live_metrics = dict(live_metrics)
-    result["candidate"], result["live"] = cand, live_metrics
+    if held_out_rows < settings.min_held_out:
+        reasons.append(f"only {held_out_rows} held-out rows (need {settings.min_held_out})")
     if cand.get("auc") is not None:
         live_auc = live_metrics.get("auc") if live_metrics.get("auc") is not None else 0.5
         if shortfall := auc_shortfall(cand, settings):
@@ -210,7 +199,7 @@ def decide(model, processor, *, candidate: str, live: str | None, held_kto: list
         elif cand["auc"] <= live_auc:
             reasons.append(f"held-out AUC {cand['auc']:.2f} is not above the live policy's {live_auc:.2f}")
     if cand.get("pair_accuracy") is not None:
-        live_acc = live_metrics.get("pair_accuracy") if live is not None else 0.5
+        live_acc = 0.5 if live_is_base else live_metrics.get("pair_accuracy")
         if cand["pair_accuracy"] <= live_acc:
             reasons.append(f"held-out pair accuracy {cand['pair_accuracy']:.2f} is not above {live_acc:.2f}")
     if cand.get("auc") is None and cand.get("pair_accuracy") is None:
@@ -224,8 +213,30 @@ def decide(model, processor, *, candidate: str, live: str | None, held_kto: list
         if cand["sampled_score"] <= live_metrics["sampled_score"]:
             reasons.append(f"sampled answers do not move toward the votes (scorer reward "
                            f"{cand['sampled_score']:.3f} vs live {live_metrics['sampled_score']:.3f})")
-    result["decision"] = "rejected" if reasons else "promoted"
-    result["reason"] = "; ".join(reasons) if reasons else "better on held-out feedback, no regression"
+    if reasons:
+        return "rejected", "; ".join(reasons)
+    return "promoted", "better on held-out feedback, no regression"
+
+
+def decide(model, processor, *, candidate: str, live: str | None, held_kto: list[dict], held_dpo: list[dict],
+           probe: list[dict], settings: GateSettings, scorer: str | None = None,
+           style_prompts: list[dict] = (), live_metrics: dict | None = None, log=print) -> dict:
+    """Compare adapter `candidate` with `live` (None = the base model); both are loaded in `model`.
+    `live_metrics`: the live policy's figures from an earlier call on the same data (not measured again)."""
+    result: dict = {"settings": settings.as_dict(), "held_out_kto": len(held_kto), "held_out_dpo": len(held_dpo)}
+    common = dict(held_kto=held_kto, held_dpo=held_dpo, probe=probe, settings=settings, scorer=scorer,
+                  style_prompts=style_prompts)
+    log(f"gate: {candidate} on held-out feedback ({len(held_kto) + len(held_dpo)} rows), the regression probe "
+        f"({len(probe)} items) and sampled answers")
+    cand = measure(model, processor, candidate, **common)
+    if live_metrics is None:
+        log("gate: the live policy, on the same")
+        live_metrics = measure(model, processor, live, **common)
+    live_metrics = dict(live_metrics)
+    result["candidate"], result["live"] = cand, live_metrics
+    result["decision"], result["reason"] = verdict(cand, live_metrics, settings,
+                                                   held_out_rows=len(held_kto) + len(held_dpo),
+                                                   live_is_base=live is None)
     return result
 
 

@@ -1,0 +1,66 @@
+"""Helpers the test modules share (plain functions and constants; fixtures live in conftest.py).
+
+Invariants:
+- No test module imports another: what two of them need is here.
+- A child process started through `subprocess_env` imports this checkout's chatapp, unbuffered.
+- `start_server` returns only once the app answers HTTP, or raises with the server's log.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+
+# Debian's chromium, driven by Playwright (never `playwright install`)
+CHROMIUM = "/usr/bin/chromium"
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def start_server(data: Path, args=("--no-trainer",), **env) -> tuple[subprocess.Popen, str]:
+    """The real app (`python app.py`) in its own process, by default without the background trainer
+    (the live-loop tests start it with their own options); returns the process and its URL."""
+    port = free_port()
+    with open(data / "server.log", "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--data-dir", str(data), *args],
+                                cwd=ROOT, env=subprocess_env(HF_HUB_OFFLINE="1", **env), stdout=log,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not start: " + (data / "server.log").read_text())
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
