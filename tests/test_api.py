@@ -276,11 +276,11 @@ def test_users_file_hashes_and_throttles(tmp_path):
     assert "a-long-password" not in raw and json.loads(raw)["users"]["dora"]["password"].startswith("scrypt$")
     assert (tmp_path / "users.json").stat().st_mode & 0o077 == 0
     assert users.enabled and users.get(None) is None and users.get("dora").is_admin
-    assert users.login("dora", "a-long-password") and not users.login("dora", "wrong")
+    assert users.authenticate("dora", "a-long-password") and not users.authenticate("dora", "wrong")
     for _ in range(MAX_FAILED_LOGINS):
-        users.login("eve", "guess")
+        users.authenticate("eve", "guess")
     assert users.throttled("eve") and not users.throttled("dora")
-    assert users.login("dora", "a-long-password")
+    assert users.authenticate("dora", "a-long-password")
     for bad in [("", "a-long-password", "user"), ("x y", "a-long-password", "user"),
                 ("frank", "short", "user"), ("frank", "a-long-password", "root"), ("local", "a-long-password", "user")]:
         with pytest.raises(ValueError):

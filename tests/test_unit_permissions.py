@@ -56,12 +56,16 @@ def test_a_role_changes_only_with_replace(tmp_path):
 def test_a_throttled_name_is_refused_even_with_the_right_password(tmp_path):
     users = Users(tmp_path)
     users.add("dora", "dora-password")
+    address = "203.0.113.7"
     for _ in range(MAX_FAILED_LOGINS - 1):
-        assert not users.login("dora", "wrong")
-    assert not users.throttled("dora") and users.login("dora", "dora-password")
-    assert not users.login("dora", "wrong")
-    assert users.throttled("dora") and not users.login("dora", "dora-password")
-    assert not users.login("nobody", "dora-password") and not users.login("", "")
+        assert not users.authenticate("dora", "wrong", address)
+    assert not users.throttled("dora", address) and users.authenticate("dora", "dora-password", address)
+    for _ in range(MAX_FAILED_LOGINS):  # a success starts the count again
+        assert not users.authenticate("dora", "wrong", address)
+    assert users.throttled("dora", address) and not users.authenticate("dora", "dora-password", address)
+    # the lockout holds for that address only: dora still logs in from elsewhere
+    assert users.authenticate("dora", "dora-password", "198.51.100.2")
+    assert not users.authenticate("nobody", "dora-password", address) and not users.authenticate("", "", address)
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.8.9.10", True), ("::1", True),

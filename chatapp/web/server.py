@@ -2,7 +2,11 @@
 
 Invariants:
 - Without users the server listens on a loopback address only (`users.check_bind`); with users,
-  Gradio's login is on and failed logins are throttled per user name (`Users.login`).
+  Gradio's login is on for as long as the server runs (`Users.keep_logins_on`), failed logins are
+  throttled per (name, address) and per address, hashed off the event loop (`Users.login`), and
+  sessions end when their user's entry in the users file changes (`access.SessionGuard`).
+- Stored images are served only by `access`'s route, to their owner and admins; the images folder
+  is a blocked path for Gradio's file route.
 - The model is loaded once, before the port opens; a model the user named that cannot be loaded
   stops the start with a clear error (status 2), the default model falls back to the demo one
   with a notice on stderr and in the page.
@@ -23,6 +27,7 @@ from chatapp.web.users import Users, check_bind
 
 
 def serve(args) -> int:
+    from chatapp.web import access
     from chatapp.web.chat import ChatService
     from chatapp.serving.engine import load_for_serving
     from chatapp.web.ui import build_app
@@ -31,6 +36,8 @@ def serve(args) -> int:
     data.mkdir(parents=True, exist_ok=True)
     users = Users(data)
     check_bind(args.host, users)
+    if users.enabled:
+        users.keep_logins_on()
     store = Store(data)
     loaded = load_for_serving(config.requested_model(args.model), device=args.device, dtype=args.dtype,
                               quantization=args.quantize)
@@ -65,8 +72,9 @@ def serve(args) -> int:
     print(f"chatapp: serving {loaded.engine.model_id} on http://{args.host}:{args.port} "
           f"({logins}; data in {data})", file=sys.stderr)
     app.queue(max_size=config.QUEUE_MAX_SIZE).launch(
-        server_name=args.host, server_port=args.port, max_file_size=MAX_IMAGE_BYTES, show_error=True,
+        server_name=args.host, server_port=args.port, max_file_size=MAX_IMAGE_BYTES,
+        show_error=False,  # our handlers raise gr.Error (always shown); Gradio's own errors name its internals
         auth=users.login if users.enabled else None,
         auth_message="Log in with the name and password an admin gave you." if users.enabled else None,
-        allowed_paths=[str(data / IMAGES_DIR)])
+        blocked_paths=[str(data / IMAGES_DIR)], app_kwargs=access.app_kwargs(service, users))
     return 0
