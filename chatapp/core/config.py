@@ -87,9 +87,27 @@ MAX_SYSTEM_PROMPT_CHARS = SYSTEM_PROMPT.high
 MAX_MESSAGE_CHARS = 4000
 MAX_IMAGES_PER_MESSAGE = 4
 MAX_CONVERSATION_MESSAGES = 200  # messages on one conversation's path; a new chat starts fresh
+# An answer is saved as it streams, at most this often (and marked cut off until it ends), so a
+# crash of the server loses at most this much of what the user was shown.
+PARTIAL_ANSWER_SAVE_INTERVAL_S = 0.5
 MAX_COMMENT_CHARS = 2000
 MAX_TITLE_CHARS = 80
-FEEDBACK_REASONS = ("wrong", "unhelpful", "too long", "unsafe", "other")
+MAX_VERSION_CHARS = 32  # an adapter version name as typed ("v12", "live"); longer is no version
+FEEDBACK_REASONS = ("wrong", "unhelpful", "too long", "unsafe", "other")  # a vote has each at most once
+
+# Quotas: what one user or one request may make the server keep.
+MAX_CONVERSATIONS_PER_USER = 1000
+# Gradio's upload cache: every uploaded file (a request may carry many) is deleted this long after
+# it arrived, checked this often; what users sent is kept in the store, re-encoded.
+UPLOAD_CACHE_MAX_AGE_S = 3600
+UPLOAD_CACHE_SWEEP_S = 300
+STALE_TEMP_FILE_S = 600  # a `.tmp-*` file in the images folder this old was left by a failed write
+
+# The serving cache (serving/cache.py): conversation KV caches and image features kept for
+# follow-up turns, least recently used out first. A SmolVLM-256M-sized conversation costs ~46 KB per
+# token in fp32 (~55 MB with one 17-frame image), its image features ~2.5 MB: 512 MiB holds about
+# nine such conversations. 0 turns the cache off.
+SERVING_CACHE_BYTES = 512 * 2**20
 
 # Web server limits: waiting requests beyond QUEUE_MAX_SIZE are refused with "queue full";
 # generation events run CHAT_CONCURRENCY at a time (the engine itself generates one reply at a
@@ -129,17 +147,25 @@ GenerationParams = make_dataclass(
                "greedy": property(_is_greedy), "as_dict": _as_dict})
 
 
+def _shown(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _number(name: str, value, kind, low, high):
-    if isinstance(value, bool) or value is None:
-        raise ParameterError(f"{name} must be a number between {low} and {high}, got {value!r}")
+    # only numbers and the text of one: a bool, a list or a dict is a mistake, not a number
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ParameterError(f"{name} must be a number between {low} and {high}, got {_shown(value)}")
     try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise ParameterError(f"{name} must be a number between {low} and {high}, got {value!r}") from None
-    if kind is int and float(value) != number:
-        raise ParameterError(f"{name} must be a whole number between {low} and {high}, got {value!r}")
-    if number != number or not low <= number <= high:  # NaN fails the first test
-        raise ParameterError(f"{name} must be between {low} and {high}, got {value!r}")
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise ParameterError(f"{name} must be a number between {low} and {high}, got {_shown(value)}") from None
+    if number != number or not low <= number <= high:  # NaN fails the first test, infinities the second
+        raise ParameterError(f"{name} must be between {low} and {high}, got {_shown(value)}")
+    if kind is int:
+        if not number.is_integer():
+            raise ParameterError(f"{name} must be a whole number between {low} and {high}, got {_shown(value)}")
+        return int(value) if isinstance(value, int) else int(number)
     return number
 
 

@@ -6,12 +6,16 @@ Invariants:
 - Files over `MAX_IMAGE_BYTES` and images over `MAX_IMAGE_PIXELS` are refused before any pixel
   data is decoded (the header gives the size), far below Pillow's own decompression-bomb limit.
 - What comes out is a fully loaded RGB image with EXIF orientation applied and no metadata.
+  A PNG's metadata chunks (text, ICC profile, ...) are dropped before Pillow reads the file, so
+  metadata we would throw away anyway (Pillow refuses a compressed chunk over 1 MB) never refuses
+  an image.
 - Every refusal is an `ImageError` whose message can be shown to the user as is.
 """
 from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -23,8 +27,31 @@ MAX_IMAGE_PIXELS = 16_000_000  # e.g. 4000 x 4000
 MAX_IMAGE_SIDE = 8192
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_PIXEL_CHUNKS = (b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND", b"eXIf")  # eXIf: the orientation
+
+
 class ImageError(ValueError):
     """An uploaded file is not an image we accept; the message says why."""
+
+
+def png_pixels_only(data: bytes) -> bytes:
+    """A PNG with only the chunks that make its pixels (and its EXIF orientation); anything that is
+    not a well-formed PNG is returned as it is, for Pillow to judge."""
+    if not data.startswith(PNG_SIGNATURE):
+        return data
+    kept, at = [PNG_SIGNATURE], len(PNG_SIGNATURE)
+    while at + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        end = at + 12 + length
+        if end > len(data):
+            return data  # truncated: Pillow says so
+        if kind in PNG_PIXEL_CHUNKS:
+            kept.append(data[at:end])
+        at = end
+        if kind == b"IEND":
+            break
+    return b"".join(kept)
 
 
 def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
@@ -49,7 +76,7 @@ def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+            image = Image.open(io.BytesIO(png_pixels_only(data)), formats=list(ALLOWED_FORMATS))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{label}: the image has far too many pixels; the limit is "
                          f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels") from None

@@ -7,6 +7,7 @@ Invariants:
   the web threads are serialised here and writes from other processes wait for the file lock.
   A crash at any point leaves every committed unit of work and none of the uncommitted ones.
 - The schema comes only from `migrations.py`; opening a store applies the migrations it lacks.
+- Opening a store removes the temp files that image writes which died left in `images/`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
+from chatapp.core import config
+from chatapp.core.files import TMP_PREFIX
 from chatapp.feedback.migrations import migrations
 
 DB_NAME = "chatapp.db"
@@ -40,6 +43,18 @@ def _enable_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.05)
 
 
+def sweep_stale_temp_files(folder: Path, older_than_s: float = config.STALE_TEMP_FILE_S) -> list[Path]:
+    """Remove the `.tmp-*` files a write that died (a kill, a power cut) left under `folder`; a
+    younger one may belong to a write in progress in another process, and is left. Returns what went."""
+    removed, cutoff = [], time.time() - older_than_s
+    for path in folder.rglob(f"{TMP_PREFIX}*"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 _WRITE_LOCKS: dict[Path, threading.RLock] = {}
 _WRITE_LOCKS_GUARD = threading.Lock()
 
@@ -55,6 +70,7 @@ class StoreBase:
         self.data_dir = Path(data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / IMAGES_DIR).mkdir(exist_ok=True)
+        sweep_stale_temp_files(self.data_dir / IMAGES_DIR)
         self.path = self.data_dir / DB_NAME
         self._local = threading.local()
         self._write_lock = _write_lock_for(self.path)

@@ -3,7 +3,8 @@ settings table (a `Store` mixin over `StoreBase`).
 
 Invariants:
 - A run is "running" from `create_run` until `finish_run`; a running run whose process is gone is
-  marked failed by `fail_stale_runs`, never left running.
+  marked failed by `fail_stale_runs`, never left running; one whose published version is the live
+  one keeps its decision (its work is done and serving), with the death noted as its error.
 - At most one training request is open (not yet taken by a run) at a time.
 - A setting is one JSON value under a key; the keys are named in `store.py`.
 """
@@ -60,14 +61,22 @@ class RunQueries(StoreBase):
         return self.query("SELECT phase, step, name, value FROM training_points WHERE run_id = ? ORDER BY rowid",
                           [run_id])
 
-    def fail_stale_runs(self) -> list[int]:
-        """Mark runs whose process is gone (killed, crashed) as failed; returns their ids."""
+    def fail_stale_runs(self, live_version: str | None = None) -> list[int]:
+        """Mark runs whose process is gone (killed, crashed) as failed, except one that published
+        `live_version` (the registry's active one), which keeps its decision; returns their ids."""
         stale = []
-        for row in self.query("SELECT id, pid FROM training_runs WHERE status = 'running'"):
+        for row in self.query("SELECT id, pid, candidate_version, decision FROM training_runs "
+                              "WHERE status = 'running'"):
             if not _process_alive(row["pid"]):
                 stale.append(row["id"])
-                self.finish_run(row["id"], "failed", error="the training process died (killed or crashed)",
-                                phase="failed")
+                version = row["candidate_version"]
+                if version and version == live_version and row["decision"]:
+                    self.finish_run(row["id"], row["decision"], phase="done",
+                                    error=f"the training process died after activating {version}")
+                else:
+                    after = f" after publishing {version}, which is not active" if version else ""
+                    self.finish_run(row["id"], "failed", phase="failed",
+                                    error=f"the training process died (killed or crashed){after}")
         return stale
 
     def last_run(self, statuses: tuple = FINISHED_STATUSES) -> dict | None:

@@ -102,7 +102,9 @@ class ABTest:
     def start(self, candidate: str | None, started_by: str, auto: bool = False,
               min_votes: int = DEFAULT_MIN_VOTES) -> None:
         """Pit `candidate` (None: the base model) against the live version in every compare request."""
-        self.store.set_setting(AB_SETTING, {"candidate": candidate, "auto": bool(auto), "min_votes": min_votes,
+        if not isinstance(auto, bool):  # bool("false") is True: a flag that arrived as text is a caller's bug
+            raise TypeError(f"auto must be a bool, got {type(auto).__name__}")
+        self.store.set_setting(AB_SETTING, {"candidate": candidate, "auto": auto, "min_votes": min_votes,
                                             "started_by": started_by, "started_at": now_iso()}, started_by)
 
     def stop(self, stopped_by: str) -> None:

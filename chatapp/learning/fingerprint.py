@@ -37,6 +37,7 @@ FINGERPRINT_SAMPLES = 1024  # values sampled from every base tensor
 FINGERPRINT_SHORT = 12
 
 VERSION_RE = re.compile(r"v([1-9][0-9]*)")
+MAX_VERSION_DIGITS = 9  # a longer number names no folder anyone published (and could exceed a file name)
 
 
 class AdapterError(EngineError):
@@ -51,8 +52,9 @@ def normalize_version(version) -> str:
     text = str(version).strip().lower()
     if text.isdigit():
         text = f"v{text}"
-    if not VERSION_RE.fullmatch(text):
-        raise AdapterError(f"{version!r} is not an adapter version (versions look like v1, v2, ...)")
+    if len(text) > MAX_VERSION_DIGITS + 1 or not VERSION_RE.fullmatch(text):
+        shown = repr(version) if len(repr(version)) <= 40 else repr(version)[:37] + "..."
+        raise AdapterError(f"{shown} is not an adapter version (versions look like v1, v2, ...)")
     return text
 
 

@@ -59,7 +59,7 @@ _TRASH_RE = re.compile(r"\.trash-v([1-9][0-9]*)-")
 def _crash_point(name: str) -> None:
     """Test hook: SIGKILL this process at the named point when $CHATAPP_CRASH_AT equals `name`.
     Points: after-weights, after-metadata, before-rename, after-rename, before-active-replace,
-    after-trash. Costs one dictionary lookup; never set the variable outside tests."""
+    after-active-replace, after-trash. Costs one dictionary lookup; never set the variable outside tests."""
     if os.environ.get("CHATAPP_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -134,13 +134,13 @@ class Registry:
             return empty
         except (OSError, ValueError) as error:
             if strict:
-                raise AdapterError(f"{path} is unreadable ({error}); choose the adapter again with "
+                raise AdapterError(f"{self.root.name}/{ACTIVE_NAME} is unreadable ({error}); choose the adapter again with "
                                    "`python -m chatapp adapters activate V` or `... deactivate`") from None
             return empty
         if not isinstance(state, dict) or not (state.get("version") is None
                                                or VERSION_RE.fullmatch(str(state.get("version")))):
             if strict:
-                raise AdapterError(f"{path} does not name a version; choose the adapter again with "
+                raise AdapterError(f"{self.root.name}/{ACTIVE_NAME} does not name a version; choose the adapter again with "
                                    "`python -m chatapp adapters activate V` or `... deactivate`")
             return empty
         return {**empty, **state}
@@ -190,7 +190,8 @@ class Registry:
         version = normalize_version(version)
         if not self._folder(version).is_dir():
             known = ", ".join(self.versions()) or "none"
-            raise AdapterError(f"no adapter {version} in {self.root} (published: {known})")
+            # the folder by its own name: messages reach users, who need no server paths
+            raise AdapterError(f"no adapter {version} in {self.root.name}/ (published: {known})")
         return version
 
     def validate(self, version, base_fingerprint: str | None, *, check_files: bool = True) -> Path:
@@ -286,6 +287,7 @@ class Registry:
                "history": history[-MAX_HISTORY:]}
         atomic_write(self.root / ACTIVE_NAME, json.dumps(new, indent=2) + "\n",
                      before_replace=_crash_before_active_replace)
+        _crash_point("after-active-replace")
         return new
 
     def activate(self, version, reason: str = "", *, base_fingerprint: str | None = None,
@@ -367,12 +369,21 @@ class Registry:
 
 def activate_adapter(engine, data_dir, requested: str | None) -> str | None:
     """Load the adapter `serve`/`ask` should answer with: `requested` (a version or 'none'), else the
-    data dir's active one. Returns the version used (None = base)."""
+    data dir's active one. Returns the version used (None = base). An active version that peft cannot
+    load does not stop the start: the base model answers, and the engine keeps the reason in
+    `adapter_errors` (the hot-swap follower reports it); a version `requested` by name must load."""
+    from chatapp.core.errors import EngineError
+
     registry = Registry.for_data_dir(data_dir)
     version = requested if requested is not None else registry.active()
     if version in (None, "", "none"):
         return None
     path = registry.validate(version, base_fingerprint(engine.base_model()))
     version = path.name
-    engine.use_adapter(version, path)
+    try:
+        engine.use_adapter(version, path)
+    except EngineError:
+        if requested is not None:
+            raise
+        return None
     return version

@@ -12,7 +12,8 @@ Invariants:
   settings raise RequestError and too little feedback NotEnoughFeedback, with no run row.
 - Nothing is published unless the gate promotes it or the caller asks for it; a run that raises is
   marked failed in the store and publishes nothing; a run that ends without a candidate
-  (NoCandidate) is recorded as rejected.
+  (NoCandidate) is recorded as rejected. A run records its version as soon as it is published;
+  one that fails (or dies) after activating it keeps its decision, with the error beside it.
 - The run's progress (phase, step, total, loss, rewards, ETA) and result are written to the store.
 - Torch threads and the process priority are limited, so a chat served from the same machine stays
   responsive (default: 1 thread when the machine has 2 cores or fewer; SCHED_IDLE and nice 10).
@@ -95,11 +96,11 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
     from chatapp.learning import gate
     from chatapp.learning.fingerprint import base_fingerprint
 
-    for stale in store.fail_stale_runs():
-        log(f"train: run {stale} had died; marked failed")
+    live = registry.active()
+    for stale in store.fail_stale_runs(live):
+        log(f"train: run {stale} had died; recorded as ended")
     data = prepare_data(store, settings)
     method = choose_method(settings, data)
-    live = registry.active()
     run_id = store.create_run(method, settings.as_dict(), live)
     progress = Progress(store, run_id, log)
     try:
@@ -147,7 +148,9 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
             progress.start("publishing", 0)
             version = publish_candidate(registry, model, candidate, engine.model_id, fingerprint, method, settings,
                                         data, metrics, decision, reason, live,
-                                        activate=decision == "promoted" or settings.publish == "always")
+                                        activate=decision == "promoted" or settings.publish == "always",
+                                        on_published=lambda v: store.update_run(run_id, candidate_version=v,
+                                                                                decision=decision, reason=reason))
         store.finish_run(run_id, decision, decision=decision, reason=reason, metrics=metrics,
                          candidate_version=version, phase="done")
         log(f"train: {decision} ({reason})" + (f"; published {version}" if version else ""))
@@ -158,8 +161,21 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
         log(f"train: rejected ({rejected})")
         return RunResult(run_id, method, "rejected", str(rejected), None, rejected.metrics)
     except BaseException as error:
-        store.finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}"[:2000], phase="failed")
+        message = f"{type(error).__name__}: {error}"[:2000]
+        published = (store.run(run_id) or {}).get("candidate_version")
+        if published and published == _active_or_none(registry):  # its adapter is live: the run did its work
+            store.finish_run(run_id, store.run(run_id)["decision"], error=f"after activating {published}: {message}",
+                             phase="done")
+        else:
+            store.finish_run(run_id, "failed", error=message, phase="failed")
         raise
+
+
+def _active_or_none(registry) -> str | None:
+    try:
+        return registry.active()
+    except Exception:  # an unreadable pointer: nothing can be said to be live
+        return None
 
 
 def _load_base(model_name: str | None, settings: TrainSettings):

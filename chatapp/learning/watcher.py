@@ -79,8 +79,8 @@ def watch(data_dir, model_name: str | None, train_settings, settings: WatchSetti
                                                 at=now_iso("seconds"),
                                                 settings=asdict(settings), **extra), "trainer")
 
-    for stale in store.fail_stale_runs():
-        log(f"watch: run {stale} had died; marked failed")
+    for stale in store.fail_stale_runs(_live_version(data_dir)):
+        log(f"watch: run {stale} had died; recorded as ended")
     log(f"watch: watching {data_dir} (train after {settings.train_after} new labels"
         + (f" or every {settings.train_every_s:.0f} s" if settings.train_every_s else "") + ")")
     while not stop.is_set():
@@ -183,8 +183,8 @@ class TrainerSupervisor:
             code = self.process.wait()
             if self._stopping.is_set():
                 return
-            for stale in store.fail_stale_runs():
-                self.log(f"chatapp: training run {stale} died with the trainer; marked failed")
+            for stale in store.fail_stale_runs(_live_version(self.data_dir)):
+                self.log(f"chatapp: training run {stale} died with the trainer; recorded as ended")
             self.log(f"chatapp: the background trainer exited (status {code}); restarting")
             quick_deaths = quick_deaths + 1 if time.monotonic() - started < 30 else 0
             # a trainer that keeps dying at start (bad arguments, broken model) is retried ever more slowly
@@ -198,3 +198,13 @@ class TrainerSupervisor:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+def _live_version(data_dir) -> str | None:
+    """The registry's active version, for judging runs that died (None when it cannot be read)."""
+    from chatapp.learning.registry import Registry
+
+    try:
+        return Registry.for_data_dir(data_dir, cleanup=False).active()
+    except Exception:  # an unreadable pointer: no dead run is taken for the live one's
+        return None

@@ -6,7 +6,7 @@ Invariants:
   (`ChatService.require_admin`); the page hiding the tab is a convenience, not the check.
 - Activation, rollback and deactivation go through the registry (atomic pointer); the serving
   process follows the pointer (`hotswap`), so there is one path for the gate, admins and the A/B
-  policy alike. A/B tests are started, stopped and read through the chat service's `ab.ABTest`.
+  policy alike. Activation checks the version against the served base model's fingerprint. A/B tests are started, stopped and read through the chat service's `ab.ABTest`.
 - Reads the store only through its named methods (no SQL here).
 - Never imports torch or gradio.
 """
@@ -22,6 +22,7 @@ from chatapp.feedback.store import TRAINER_SETTING
 from chatapp.learning import ab
 from chatapp.learning.registry import AdapterError
 from chatapp.web.chat import ChatService
+from chatapp.web.inputs import parse_flag, validate_version
 from chatapp.web.users import User
 
 EXPORT_FORMATS = ("kto", "dpo", "sft")
@@ -31,6 +32,18 @@ class AdminService:
     def __init__(self, chat: ChatService, registry, supervisor=None, follower=None):
         self.chat, self.store, self.registry, self.ab = chat, chat.store, registry, chat.ab
         self.supervisor, self.follower = supervisor, follower
+        self._fingerprint: str | None = None
+
+    def _served_base_fingerprint(self) -> str | None:
+        """The fingerprint of the base model this server serves (None without an engine): a version
+        trained on another base is refused at activation, not only later by the server."""
+        fingerprint = getattr(self.follower, "fingerprint", None) or self._fingerprint
+        engine = self.chat.engine
+        if fingerprint is None and engine is not None and hasattr(engine, "base_model"):
+            from chatapp.learning.fingerprint import base_fingerprint
+
+            fingerprint = self._fingerprint = base_fingerprint(engine.base_model())
+        return fingerprint
 
     def _admin(self, user: User) -> None:
         self.chat.require_admin(user)
@@ -72,7 +85,7 @@ class AdminService:
 
     def activate(self, user: User, version) -> dict:
         self._admin(user)
-        version = str(version or "").strip()
+        version = validate_version(version)
         if not version:
             raise RequestError("choose a version to activate")
         try:
@@ -80,7 +93,8 @@ class AdminService:
                 self.registry.deactivate(reason=f"deactivated by {user.name}")
             else:
                 # an admin may activate a version the gate rejected: that is what the button is for
-                self.registry.activate(version, reason=f"activated by {user.name}", force=True)
+                self.registry.activate(version, reason=f"activated by {user.name}", force=True,
+                                       base_fingerprint=self._served_base_fingerprint())
         except AdapterError as error:
             raise RequestError(str(error)) from None
         return {"active": self.registry.active() or "base"}
@@ -125,10 +139,11 @@ class AdminService:
     def ab_start(self, user: User, candidate, auto: bool = False, min_votes: int = ab.DEFAULT_MIN_VOTES) -> dict:
         """Pit `candidate` (a version, or 'base') against the live adapter in every compare request."""
         self._admin(user)
-        version = self.chat.resolve_version(candidate)
+        auto = parse_flag(auto, "auto")  # "false" is text, and bool("false") is True
+        version = self.chat.resolve_version(validate_version(candidate))
         if version == self.registry.active():
             raise RequestError(f"{ab.label(version)} is the live version already; choose another to test")
-        if not isinstance(min_votes, int) or not 4 <= min_votes <= 10_000:
+        if isinstance(min_votes, bool) or not isinstance(min_votes, int) or not 4 <= min_votes <= 10_000:
             raise RequestError(f"min votes must be a whole number from 4 to 10000, got {min_votes!r}")
         self.ab.start(version, user.name, auto=auto, min_votes=min_votes)
         return self.ab_status(user)

@@ -199,9 +199,9 @@ class AdminPage:
         user = self._user(request)
         try:
             min_votes = int(min_votes)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
             min_votes = -1
-        self.admin.ab_start(user, candidate, bool(auto), min_votes)
+        self.admin.ab_start(user, candidate, auto, min_votes)
         return self._ab_text(user)
 
     @as_gradio_errors

@@ -6,6 +6,11 @@ Invariants:
 - Each endpoint resolves the caller from the login (`gr.Request.username`) and calls `ChatService`,
   which validates every input and checks the caller's rights; errors come back as one readable
   message (`gr.Error`), and the server keeps serving.
+- Nothing internal reaches a user: an error that is not one of `USER_ERRORS` (a bug, a full disk)
+  is logged with its traceback and an incident number, and the user gets a generic message with
+  that number; a database that stays locked past the store's timeout reads "busy, try again".
+- An uploaded file is accepted only from Gradio's upload folder: a path typed into a request (a
+  server file, another user's image) is refused without saying whether it exists.
 - The generation endpoints' sampling and system-prompt parameters (names, types, defaults, docs)
   come from config's `GenerationParam` specs; only their position and the defaults an endpoint
   overrides are stated here.
@@ -16,11 +21,16 @@ from __future__ import annotations
 import functools
 import html
 import inspect
+import logging
+import os
+import secrets
+import sqlite3
 from pathlib import Path
 from typing import Iterator
 
 import gradio as gr
 from gradio.data_classes import FileData
+from gradio.utils import get_upload_folder
 
 from chatapp.core import config
 from chatapp.web.chat import ChatService
@@ -30,25 +40,44 @@ from chatapp.feedback.images import ImageError
 from chatapp.web.users import UserError, Users
 
 USER_ERRORS = (RequestError, AccessDenied, ParameterError, ImageError, EngineError, UserError)
+BUSY_MESSAGE = "the server is busy saving other work; nothing was changed, try again in a moment"
+log = logging.getLogger("chatapp.web")
+
+
+def user_error(error: Exception) -> gr.Error:
+    """The `gr.Error` a user sees for `error`: its own message when it is one they can act on, else a
+    generic one with an incident number (the details go to the server's log under that number)."""
+    if isinstance(error, gr.Error):
+        return error
+    if isinstance(error, USER_ERRORS):
+        message = str(error)
+    elif isinstance(error, sqlite3.OperationalError) and ("locked" in str(error) or "busy" in str(error)):
+        log.warning("database busy past the timeout: %s", error)
+        message = BUSY_MESSAGE
+    else:
+        incident = secrets.token_hex(4)
+        log.error("incident %s: %s", incident, type(error).__name__, exc_info=error)
+        message = f"something went wrong on the server (incident {incident}); the request was not completed"
+    return gr.Error(html.escape(message, quote=False), print_exception=False)
 
 
 def as_gradio_errors(fn):
-    """Turn the errors a user can act on into `gr.Error` (shown in the page, returned by the API)."""
+    """Turn every error into `gr.Error` (shown in the page, returned by the API): see `user_error`."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def generator(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except USER_ERRORS as error:
-                raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
+            except Exception as error:  # GeneratorExit (Stop, a client gone) is not an Exception
+                raise user_error(error) from None
         return generator
 
     @functools.wraps(fn)
     def plain(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as error:
-            raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
+        except Exception as error:
+            raise user_error(error) from None
     return plain
 
 
@@ -60,12 +89,23 @@ def caller(users: Users, request: gr.Request | None):
 
 
 def file_path(file) -> str | None:
-    """The path of an uploaded file, however gradio handed it over (FileData, dict, str), or None."""
-    if file is None:
+    """The path of an uploaded file, however gradio handed it over (FileData, dict, str), or None.
+    Only a file inside Gradio's upload folder is accepted (RequestError otherwise): the path comes
+    from the request, and a request can name any file on the server."""
+    if file is None or file == "":
         return None
     if isinstance(file, dict):
-        return file.get("path")
-    return getattr(file, "path", None) or (file if isinstance(file, str) else None)
+        path = file.get("path")
+    elif isinstance(file, str):
+        path = file
+    else:
+        path = getattr(file, "path", file)  # FileData; anything else (a number, a list) is refused below
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise RequestError("an image must be a file uploaded with the request")
+    upload_folder = os.path.realpath(get_upload_folder())
+    if os.path.commonpath([upload_folder, os.path.realpath(path)]) != upload_folder:
+        raise RequestError("an image must be a file uploaded with the request; this one was not uploaded")
+    return path
 
 
 def _generation_endpoint(users: Users, *, system_prompt: bool, **defaults):

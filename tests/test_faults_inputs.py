@@ -1,0 +1,411 @@
+"""Faults and attacks on the inputs (issue 16, findings 3, 4, 9, 10): every endpoint input is checked
+for type and bounds, bad input gets a clear error that names nothing internal, nothing is stored for
+a refusal and the server keeps answering; control characters are removed; lists, conversations and
+temp files are bounded; and the smaller ones (a flag sent as text, a locked database, a trainer that
+dies after activating, a PNG with a large metadata chunk).
+
+The bad requests go over HTTP as raw JSON (`/gradio_api/call/<endpoint>`), as any client may send
+them: Infinity, NaN, lone surrogates and numbers beyond 64 bits are valid there, and gradio_client
+refuses to encode some of them."""
+import io
+import json
+import logging
+import os
+import sqlite3
+import time
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from chatapp.core import config
+from chatapp.core.errors import RequestError
+from chatapp.feedback import store_base
+from chatapp.feedback.images import load_image
+from chatapp.feedback.store import Store
+from chatapp.learning.ab import ABTest
+from chatapp.web.users import Users
+from support import start_server, stop_server
+
+PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22", "root": "root-secret-333"}
+INF, NAN = float("inf"), float("nan")
+CHAT_PARAMS = ("conversation_id", "text", "image", "temperature", "top_k", "top_p", "max_new_tokens", "seed",
+               "system_prompt")
+CHAT_DEFAULTS = dict(conversation_id="", text="What color is the circle?", image=None, temperature=0, top_k=50,
+                     top_p=1.0, max_new_tokens=16, seed=None, system_prompt="")
+INTERNALS = ("Traceback", "Errno", "object at 0x", "/tmp", "/work", "/root", "/home", "sqlite", "NoneType",
+             "has no attribute", "not iterable", "codec")
+
+
+class Http:
+    """One logged-in user talking to the API as raw JSON over HTTP."""
+
+    def __init__(self, url: str, name: str):
+        import httpx
+
+        self.client = httpx.Client(base_url=url, timeout=120)
+        response = self.client.post("login", data={"username": name, "password": PASSWORDS[name]})
+        assert response.status_code == 200, response.text
+
+    def call(self, endpoint: str, data: list) -> tuple[str, object]:
+        """("complete", the last output) or ("error", the message shown)."""
+        body = json.dumps({"data": data})  # Infinity, NaN and \\ud800 escapes are what json writes for them
+        response = self.client.post(f"gradio_api/call/{endpoint}", content=body,
+                                    headers={"content-type": "application/json"})
+        assert response.status_code == 200, response.text
+        event_id = response.json()["event_id"]
+        kind, payload = None, None
+        with self.client.stream("GET", f"gradio_api/call/{endpoint}/{event_id}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[len("event: "):]
+                elif line.startswith("data: ") and kind in ("complete", "error"):
+                    payload = json.loads(line[len("data: "):])
+        if kind == "error":
+            return kind, (payload or {}).get("error") if isinstance(payload, dict) else payload
+        return kind, payload[-1] if isinstance(payload, list) and payload else payload
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    users = Users(data)
+    for name, password in PASSWORDS.items():
+        users.add(name, password, role="admin" if name == "root" else "user")
+    proc, url = start_server(data)
+    yield url, data
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def alice(app):
+    return Http(app[0], "alice")
+
+
+@pytest.fixture(scope="module")
+def root(app):
+    return Http(app[0], "root")
+
+
+@pytest.fixture(scope="module")
+def answer(app, alice):
+    """One answered question of alice's, and one image stored by bob (a file that exists in the data dir)."""
+    from gradio_client import Client, handle_file
+
+    url, data = app
+    image = data.parent / "bob-circle.png"
+    Image.new("RGB", (64, 64), "green").save(image)
+    bob = Client(url, auth=("bob", PASSWORDS["bob"]), verbose=False)
+    bob.predict(conversation_id="", text="What is this?", image=handle_file(str(image)), temperature=0,
+                max_new_tokens=8, api_name="/chat")
+    kind, done = alice.call("chat", [CHAT_DEFAULTS[p] for p in CHAT_PARAMS])
+    assert kind == "complete" and done["done"], done
+    return done
+
+
+def chat(**changes):
+    values = dict(CHAT_DEFAULTS, **changes)
+    return "chat", lambda ids, data: [values[p] for p in CHAT_PARAMS]
+
+
+def vote(message_id="answer", vote="down", reasons=None, comment=""):
+    return "vote", lambda ids, data: [ids.get(message_id, message_id), vote, reasons, comment]
+
+
+def endpoint(name, *values):
+    return name, lambda ids, data: [v(ids, data) if callable(v) else ids.get(v, v) if isinstance(v, str) else v
+                                    for v in values]
+
+
+def stored_image(ids, data):
+    return {"path": str(next((data / "images").rglob("*.png")))}
+
+
+BAD = [  # (case, (endpoint, data builder), fragments every message must hold)
+    ("top_k Infinity", chat(top_k=INF), ["top_k"]),
+    ("seed Infinity", chat(seed=INF), ["seed"]),
+    ("max_new_tokens Infinity", chat(max_new_tokens=INF), ["max_new_tokens"]),
+    ("max_new_tokens -Infinity", chat(max_new_tokens=-INF), ["max_new_tokens"]),
+    ("temperature NaN", chat(temperature=NAN), ["temperature"]),
+    ("top_p NaN", chat(top_p=NAN), ["top_p"]),
+    ("temperature true", chat(temperature=True), ["temperature", "number"]),
+    ("temperature as words", chat(temperature="hot"), ["temperature", "number"]),
+    ("top_k as a list", chat(top_k=[5]), ["top_k", "number"]),
+    ("max_new_tokens as an object", chat(max_new_tokens={"n": 1}), ["max_new_tokens", "number"]),
+    ("seed 2**70", chat(seed=2**70), ["seed"]),
+    ("top_k 1e400 as text", chat(top_k="1e400"), ["top_k"]),
+    ("top_k 2.5", chat(top_k=2.5), ["top_k", "whole number"]),
+    ("conversation id 2**70", chat(conversation_id=str(2**70)), ["too large"]),
+    ("conversation id 2**70 as a number", chat(conversation_id=2**70), ["too large"]),
+    ("conversation id as a list", chat(conversation_id=[1]), ["must be a number"]),
+    ("message as a number", chat(text=5), ["message must be text"]),
+    ("message as a list", chat(text=["hi"]), ["message must be text"]),
+    ("message with a lone surrogate", chat(text="a\ud800b"), ["surrogate"]),
+    ("system prompt as a number", chat(system_prompt=5), ["system prompt must be text"]),
+    ("system prompt as a list", chat(system_prompt=["be nice"]), ["system prompt must be text"]),
+    ("system prompt with a lone surrogate", chat(system_prompt="\udfff"), ["surrogate"]),
+    ("a forged server path as the image", chat(image={"path": "/etc/passwd"}), ["uploaded"]),
+    # marked as a file, the path is refused by Gradio itself before the handler runs: an error, no details
+    ("a forged file path marked as a file", chat(image={"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}),
+     None),
+    ("another user's stored image by path", ("chat", lambda ids, data: [
+        "", "What is this?", stored_image(ids, data), 0, 50, 1.0, 16, None, ""]), ["uploaded"]),
+    ("a path to the users file", ("chat", lambda ids, data: [
+        "", "hi", {"path": str(data / "users.json")}, 0, 50, 1.0, 16, None, ""]), ["uploaded"]),
+    ("a path with ../ out of the upload folder", chat(image={"path": "/tmp/gradio/../../etc/hostname"}), ["uploaded"]),
+    ("a number as the image", chat(image=5), ["uploaded"]),
+    ("a message id of 2**70", vote(message_id=2**70), ["too large"]),
+    ("a message id of Infinity", vote(message_id=INF), ["whole number"]),
+    ("a message id of true", vote(message_id=True), ["must be a number"]),
+    ("a message id in exponent form", vote(message_id="1e3"), ["must be a number"]),
+    ("reasons as a number", vote(reasons=5), ["reasons must be a list"]),
+    ("reasons as text", vote(reasons="wrong"), ["reasons must be a list"]),
+    ("20,000 reasons", vote(reasons=["wrong"] * 20_000), ["at most 5 reasons"]),
+    ("a reason that is a number", vote(reasons=[5]), ["unknown reason"]),
+    ("a comment as a number", vote(comment=5), ["comment must be text"]),
+    ("a comment with a lone surrogate", vote(comment="ok \ud83d"), ["surrogate"]),
+    ("a vote as a list", vote(vote=["up"]), ["vote must be one of"]),
+    ("no vote", vote(vote=None), ["vote must be one of"]),
+    ("regenerate message 'abc'", endpoint("regenerate", "abc", 0, 50, 1.0, 16, None), ["must be a number"]),
+    ("regenerate with seed Infinity", endpoint("regenerate", "answer", 0, 50, 1.0, 16, INF), ["seed"]),
+    ("prefer message 2**64", endpoint("prefer", 2**64), ["too large"]),
+    ("compare pick of comparison 2**70", endpoint("compare_pick", 2**70, "a"), ["too large"]),
+    ("conversation -Infinity", endpoint("conversation", -INF), ["whole number"]),
+    ("conversation 1.5", endpoint("conversation", 1.5), ["whole number"]),
+]
+ADMIN_BAD = [
+    ("a 300-character version name", endpoint("activate", "v" + "9" * 300), ["version"]),
+    ("an unknown version", endpoint("activate", "v999999"), ["no adapter v999999 in adapters/"]),
+    ("a version as a number", endpoint("activate", 3), ["version must be text"]),
+    ("an A/B candidate that does not exist", endpoint("ab_start", "v999999", False, 20), ["no adapter v999999"]),
+    ("an A/B candidate of 300 characters", endpoint("ab_start", "x" * 300, False, 20), ["version"]),
+    ("an A/B auto flag that is neither", endpoint("ab_start", "base", "maybe", 20), ["auto must be true or false"]),
+    ("A/B min votes Infinity", endpoint("ab_start", "base", False, INF), []),
+]
+
+
+def snapshot(data) -> dict:
+    store = Store(data)
+    counts = {table: store.count(f"SELECT count(*) AS n FROM {table}")
+              for table in ("conversations", "messages", "feedback", "feedback_events", "images", "comparisons")}
+    counts["settings"] = store.query("SELECT key, value FROM settings ORDER BY key")
+    counts["files"] = sorted(p.name for p in (data / "images").rglob("*") if p.is_file())
+    store.close()
+    return counts
+
+
+def check_refused(app, who, answer, case, build, fragments):
+    url, data = app
+    endpoint_name, data_for = build
+    ids = {"answer": answer["message_id"]}
+    before = snapshot(data)
+    kind, message = who.call(endpoint_name, data_for(ids, data))
+    assert kind == "error", f"{case}: accepted: {message}"
+    if fragments is None:  # refused by Gradio before any handler: show_error=False keeps its internals in
+        assert message is None, f"{case}: {message}"
+    else:
+        assert isinstance(message, str) and message, f"{case}: no message shown"
+        for fragment in fragments:
+            assert fragment.lower() in message.lower(), f"{case}: {message}"
+    for internal in INTERNALS + (str(data),):
+        assert internal.lower() not in (message or "").lower(), f"{case}: {message}"
+    assert snapshot(data) == before, f"{case}: something was stored"
+    kind, mine = who.call("conversations", [])  # the server keeps answering
+    assert kind == "complete" and isinstance(mine, list)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, build, fragments", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_is_refused_clearly_and_stores_nothing(app, alice, answer, case, build, fragments):
+    check_refused(app, alice, answer, case, build, fragments)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, build, fragments", ADMIN_BAD, ids=[c[0] for c in ADMIN_BAD])
+def test_bad_admin_input_is_refused_clearly(app, root, answer, case, build, fragments):
+    check_refused(app, root, answer, case, build, fragments)
+
+
+def test_there_are_at_least_30_bad_input_cases():
+    assert len(BAD) + len(ADMIN_BAD) >= 30
+
+
+# ---------------------------------------------------------------- finding 4: control characters
+
+@pytest.mark.slow
+def test_control_characters_are_removed_and_newlines_kept(app, alice, answer):
+    url, data = app
+    sent = "a\x00b\u202ec\x1b[31mred\x1b[0m\td\r\ne\x07\u2066f\u2069\x9b"
+    kind, done = alice.call("chat", [dict(CHAT_DEFAULTS, text=sent, system_prompt="Be\x00 \u202ebrief\x1b[1m.\n")[p]
+                                     for p in CHAT_PARAMS])
+    assert kind == "complete", done
+    kind, voted = alice.call("vote", [done["message_id"], "down", ["wrong", "wrong", "other"], "no\x1b]0;x\x07 \u202eway"])
+    assert kind == "complete", voted
+    store = Store(data)
+    assert store.message(done["user_message_id"])["text"] == "abcred\td\nef"
+    assert store.conversation(done["conversation_id"])["system_prompt"] == "Be brief."
+    current = store.vote(store.ensure_user("alice"), done["message_id"])
+    assert current["comment"] == "no way" and current["reasons"] == ["wrong", "other"]  # each reason once
+
+
+# ---------------------------------------------------------------- finding 3: the boundary itself
+
+def test_what_a_user_sent_is_echoed_only_in_short():
+    from chatapp.web.inputs import parse_id, validate_choice, validate_version
+
+    for refuse in (lambda: validate_choice("a" * 100_000, ("a", "b"), "pick"), lambda: parse_id("x" * 100_000, "id"),
+                   lambda: validate_version("v" + "9" * 100_000), lambda: config.validate_generation(top_k="9" * 10**5)):
+        with pytest.raises(ValueError) as caught:
+            refuse()
+        assert len(str(caught.value)) < 200, str(caught.value)[:300]
+
+
+def test_an_unexpected_error_reaches_the_user_as_a_generic_message_with_an_incident(caplog):
+    import gradio as gr
+
+    from chatapp.web.api import as_gradio_errors
+
+    @as_gradio_errors
+    def broken(path):
+        open(path)  # an error no handler expects, naming a server path
+
+    @as_gradio_errors
+    def streaming(path):
+        yield 1
+        open(path)
+
+    missing = "/srv/secret/data/nothing-here.png"
+    for call in (lambda: broken(missing), lambda: list(streaming(missing))):
+        with caplog.at_level(logging.ERROR, logger="chatapp.web"), pytest.raises(gr.Error) as caught:
+            call()
+        shown = caught.value.message
+        assert "went wrong on the server" in shown and "/srv" not in shown and "Errno" not in shown
+        incident = shown.split("incident ")[1].split(")")[0]
+        logged = [r for r in caplog.records if incident in r.getMessage()]
+        assert logged and "/srv/secret" in str(logged[0].exc_info[1])  # the detail is in the server's log
+
+
+def test_a_database_locked_past_the_timeout_reads_busy(tmp_path, monkeypatch):
+    import gradio as gr
+
+    from chatapp.web.api import BUSY_MESSAGE, as_gradio_errors
+
+    store = Store(tmp_path)
+    monkeypatch.setattr(store_base, "BUSY_TIMEOUT_S", 0.2)  # a shorter wait; the lock itself is real
+    store.close()
+    holder = sqlite3.connect(tmp_path / store_base.DB_NAME)
+    holder.execute("BEGIN IMMEDIATE")  # another process writing for longer than the timeout
+    try:
+        @as_gradio_errors
+        def save():
+            Store(tmp_path).set_setting("x", 1)
+
+        with pytest.raises(gr.Error) as caught:
+            save()
+        assert caught.value.message == BUSY_MESSAGE
+    finally:
+        holder.rollback()
+        holder.close()
+    Store(tmp_path).set_setting("x", 1)  # and it works again once the lock is gone
+
+
+# ---------------------------------------------------------------- finding 9: bounds and quotas
+
+def test_conversations_per_user_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "MAX_CONVERSATIONS_PER_USER", 3)
+    store = Store(tmp_path)
+    alice, bob = store.ensure_user("alice"), store.ensure_user("bob")
+    for n in range(3):
+        store.create_conversation(alice, f"chat {n}")
+    with pytest.raises(RequestError, match="3 conversations"):
+        store.create_conversation(alice, "one too many")
+    assert len(store.conversations(alice)) == 3
+    store.create_conversation(bob, "bob's first")  # a quota per user
+
+
+def test_temp_files_of_failed_image_writes_are_removed(tmp_path):
+    images = tmp_path / "images" / "ab"
+    images.mkdir(parents=True)
+    stale, fresh = images / ".tmp-ab12.png-0001", images / ".tmp-ab34.png-0002"
+    stale.write_bytes(b"half an image")
+    fresh.write_bytes(b"being written now")
+    old = time.time() - config.STALE_TEMP_FILE_S - 60
+    os.utime(stale, (old, old))
+    Store(tmp_path)
+    assert not stale.exists() and fresh.exists()
+
+
+# ---------------------------------------------------------------- finding 10: the smaller ones
+
+def test_an_ab_flag_sent_as_text_is_read_as_written(tmp_path):
+    from chatapp.web.inputs import parse_flag
+
+    assert parse_flag("false", "auto") is False and parse_flag("TRUE", "auto") is True
+    assert parse_flag(False, "auto") is False
+    for bad in ("no", "", 0, 1, None, [True]):
+        with pytest.raises(RequestError, match="true or false"):
+            parse_flag(bad, "auto")
+    test = ABTest(Store(tmp_path))
+    with pytest.raises(TypeError):
+        test.start("v1", "root", auto="false")
+    test.start("v1", "root", auto=False)
+    assert test.running()["auto"] is False
+
+
+def test_a_run_that_died_after_activating_keeps_its_decision(tmp_path):
+    store = Store(tmp_path)
+    dead_pid = 2**22 + 12345  # above the kernel's pid_max default of 2**22: no such process
+    live = store.create_run("kto", {}, None)
+    store.update_run(live, candidate_version="v2", decision="promoted", reason="gate: better", pid=dead_pid)
+    inactive = store.create_run("kto", {}, None)
+    store.update_run(inactive, candidate_version="v3", decision="promoted", reason="gate: better", pid=dead_pid)
+    unpublished = store.create_run("kto", {}, None)
+    store.update_run(unpublished, pid=dead_pid)
+    assert sorted(store.fail_stale_runs(live_version="v2")) == [live, inactive, unpublished]
+    kept = store.run(live)
+    assert kept["status"] == "promoted" and kept["candidate_version"] == "v2" and "died" in kept["error"]
+    assert store.run(inactive)["status"] == "failed" and "v3, which is not active" in store.run(inactive)["error"]
+    assert store.run(unpublished)["status"] == "failed"
+
+
+@pytest.mark.parametrize("chunk", ["ztxt", "icc"])
+def test_a_png_with_a_large_metadata_chunk_is_accepted(chunk):
+    info = PngImagePlugin.PngInfo()
+    extra = {}
+    if chunk == "ztxt":
+        info.add_text("comment", "x" * 1_500_000, zip=True)  # over Pillow's 1 MB limit once inflated
+    else:
+        extra["icc_profile"] = b"\0" * 1_500_000
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format="PNG", pnginfo=info, **extra)
+    image = load_image(buffer.getvalue())
+    assert image.size == (8, 8) and image.getpixel((3, 3)) == (255, 0, 0) and not image.info
+
+
+@pytest.mark.slow
+def test_uploaded_files_do_not_outlive_their_age(tmp_path, monkeypatch, demo_engine):
+    """One upload request may carry many files (Gradio takes up to 1000); the cache sweep removes
+    them once they are `UPLOAD_CACHE_MAX_AGE_S` old instead of keeping them until shutdown."""
+    import httpx
+
+    from chatapp.web.chat import ChatService
+    from chatapp.web.ui import build_app
+    from support import free_port
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio-cache"))
+    monkeypatch.setattr(config, "UPLOAD_CACHE_SWEEP_S", 1)  # shorter times; the sweep itself is Gradio's
+    monkeypatch.setattr(config, "UPLOAD_CACHE_MAX_AGE_S", 2)
+    app = build_app(ChatService(demo_engine, Store(tmp_path / "data")), Users(tmp_path / "data"))
+    port = free_port()
+    app.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        png = io.BytesIO()
+        Image.new("RGB", (8, 8), "blue").save(png, format="PNG")
+        files = [("files", (f"f{n}.png", png.getvalue(), "image/png")) for n in range(200)]
+        uploaded = httpx.post(f"http://127.0.0.1:{port}/gradio_api/upload", files=files, timeout=60).json()
+        assert len(uploaded) == 200 and all(os.path.exists(p) for p in uploaded)
+        deadline = time.time() + 30
+        while time.time() < deadline and any(os.path.exists(p) for p in uploaded):
+            time.sleep(0.5)
+        assert not any(os.path.exists(p) for p in uploaded)
+    finally:
+        app.close()
