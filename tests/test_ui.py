@@ -13,10 +13,23 @@ from chatapp.web.ui import ChatPage, PageState, render
 from chatapp.web.users import Users
 from support import start_server, stop_server
 
+
 @pytest.fixture
-def image_file(tmp_path):
+def upload_dir(tmp_path):
+    """A folder inside Gradio's upload cache: the handlers accept only files a request uploaded there."""
+    import tempfile
+    from pathlib import Path
+
+    from gradio.utils import get_upload_folder
+
+    Path(get_upload_folder()).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=get_upload_folder(), prefix="chatapp-test-"))
+
+
+@pytest.fixture
+def image_file(upload_dir):
     scene = shapes.Scene((shapes.Shape("circle", "blue", 20, 24, 10), shapes.Shape("square", "red", 46, 40, 9)))
-    path = tmp_path / "two.png"
+    path = upload_dir / "two.png"
     shapes.render(scene).save(path)
     return path
 
@@ -49,10 +62,10 @@ def test_send_streams_stores_and_renders(page, image_file):
     assert len(conversation["messages"][0]["images"]) == 1
 
 
-def test_send_refuses_bad_input_and_stores_nothing(page, image_file, tmp_path):
+def test_send_refuses_bad_input_and_stores_nothing(page, image_file, upload_dir):
     page.build("demo")
     request = gr.Request(username=None)
-    fake = tmp_path / "fake.png"
+    fake = upload_dir / "fake.png"
     fake.write_bytes(b"GIF89a not really")
     cases = [({"text": "  ", "files": []}, "type a message"),
              ({"text": "x" * 5000, "files": []}, "limit is 4000"),
@@ -72,7 +85,7 @@ def test_render_marks_siblings_votes_and_images():
          "adapter": "v3", "vote": {"vote": "up"}, "preferred": True}]}
     entries, ids, feedback, last = render(conversation)
     assert ids == [1, 1, 3] and feedback == ["Like"] and last == 3
-    assert entries[0]["content"] == {"path": "/x.png"}
+    assert '<img src="chatapp/image/1/0"' in entries[0]["content"]  # the owner-only route, never a file path
     assert "answer 2 of 2" in entries[2]["content"] and "adapter v3" in entries[2]["content"]
 
 

@@ -43,7 +43,7 @@ COLUMNS = {
     "sft": ("images", "prompt", "completion"),
 }
 # Finish reasons (generations.finish_reason) of a reply the model did not end itself.
-CUT_OFF = ("length", "stopped")
+CUT_OFF = ("length", "stopped", "cut_off")  # cut_off: still streaming, or the server died mid-answer
 _SHA = re.compile(r"[0-9a-f]{64}")
 
 

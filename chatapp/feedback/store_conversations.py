@@ -4,7 +4,10 @@ Invariants:
 - Images are re-encoded PNG files named by their sha256, written atomically (`atomic_write`)
   before the row that points at them is committed; an image file is never rewritten.
 - A message and its images (or the generation record of an answer) are stored in one transaction
-  that also makes it the conversation's current leaf.
+  that also makes it the conversation's current leaf. An answer being streamed is stored early and
+  updated as it grows (`update_answer`); its generation record says how it ended.
+- A user message refused before any answer is discarded whole (`discard_user_message`): the
+  message, its images if no other message uses them, and a conversation it started.
 - From any rated assistant message, `context()` rebuilds the exact prompt (every message on its
   path with its images, the system prompt) and the answer.
 """
@@ -16,7 +19,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatapp.core import config
 from chatapp.core.clock import now_iso
+from chatapp.core.errors import RequestError
 from chatapp.core.files import atomic_write
 from chatapp.feedback.store_base import IMAGES_DIR, StoreBase
 
@@ -53,10 +58,10 @@ class ConversationQueries(StoreBase):
         sha = hashlib.sha256(data).hexdigest()
         relative = Path(IMAGES_DIR) / sha[:2] / f"{sha}.png"
         target = self.data_dir / relative
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(target, data)
-        with self.write() as db:
+        with self.write() as db:  # under the write lock: discard_user_message cannot remove the file meanwhile
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(target, data)
             db["images"].insert({"sha256": sha, "path": str(relative), "width": image.width,
                                  "height": image.height, "bytes": len(data), "created_at": now_iso()}, ignore=True)
         return StoredImage(sha, target)
@@ -70,7 +75,13 @@ class ConversationQueries(StoreBase):
     # ------------------------------------------------------------ conversations and messages
 
     def create_conversation(self, user_id: int, title: str, system_prompt: str = "") -> int:
+        """A new conversation of the user's, or RequestError when they have their quota of them
+        (`config.MAX_CONVERSATIONS_PER_USER`; counted in the same transaction as the insert)."""
         with self.write() as db:
+            if self.count("SELECT count(*) AS n FROM conversations WHERE user_id = ?",
+                          [user_id]) >= config.MAX_CONVERSATIONS_PER_USER:
+                raise RequestError(f"you have {config.MAX_CONVERSATIONS_PER_USER} conversations, the most one "
+                                   f"user may keep; continue one of them")
             stamp = now_iso()
             return db["conversations"].insert({"user_id": user_id, "title": title[:80], "leaf_id": None,
                                                "system_prompt": system_prompt or "",
@@ -100,6 +111,52 @@ class ConversationQueries(StoreBase):
                 db["generations"].insert(record)
             db["conversations"].update(conversation_id, {"leaf_id": message_id, "updated_at": stamp})
             return message_id
+
+    def add_user_message(self, conversation_id: int, parent_id: int | None, text: str, images=(), *,
+                         kind: str = "chat", image_shas: list[str] = ()) -> int:
+        """A user's message with its images (checked RGB PIL images, saved as by `save_image`, after
+        the already stored `image_shas`) in one transaction: the message and its images arrive together."""
+        with self.write():
+            shas = list(image_shas) + [self.save_image(image).sha256 for image in images]
+            return self.add_message(conversation_id, parent_id, "user", text, kind=kind, image_shas=shas)
+
+    def update_answer(self, message_id: int, text: str, generation: dict) -> None:
+        """Replace the text and the generation record of an answer being streamed (saved so far, or
+        finished), in one transaction; the conversation's leaf is left alone."""
+        with self.write() as db:
+            db["messages"].update(message_id, {"text": text})
+            record = dict(generation, message_id=message_id)
+            record["params"] = json.dumps(record.get("params") or {}, sort_keys=True)
+            db["generations"].upsert(record, pk="message_id", alter=False)
+
+    def discard_user_message(self, message_id: int, conversation_before: dict | None) -> None:
+        """Undo a user message that was refused before any answer (e.g. it does not fit the context),
+        in one transaction: the message, its image links, the images no other message uses, and the
+        conversation as it was (`conversation_before`, its row before the message; None: the message
+        started it, so it goes too). A message with answers or other replies is never discarded."""
+        with self._write_lock:  # held until the files are gone: save_image looks for its file under it
+            with self.write() as db:
+                message = self.message(message_id)
+                if message is None:
+                    return
+                if self.one("SELECT id FROM messages WHERE parent_id = ? LIMIT 1", [message_id]) is not None:
+                    raise ValueError(f"message {message_id} has replies; it cannot be discarded")
+                shas = list(dict.fromkeys(self.message_image_shas(message_id)))
+                db.execute("DELETE FROM message_images WHERE message_id = ?", [message_id])
+                db.execute("DELETE FROM messages WHERE id = ?", [message_id])
+                conversation_id = message["conversation_id"]
+                if conversation_before is not None:
+                    db["conversations"].update(conversation_id, {"leaf_id": conversation_before["leaf_id"],
+                                                                 "updated_at": conversation_before["updated_at"]})
+                elif self.one("SELECT id FROM messages WHERE conversation_id = ? LIMIT 1", [conversation_id]) is None:
+                    db.execute("DELETE FROM conversations WHERE id = ?", [conversation_id])
+                unused = [sha for sha in shas
+                          if self.one("SELECT 1 AS n FROM message_images WHERE sha256 = ? LIMIT 1", [sha]) is None]
+                paths = [self.image_path(sha) for sha in unused]
+                for sha in unused:
+                    db.execute("DELETE FROM images WHERE sha256 = ?", [sha])
+            for path in paths:  # after the commit: a failed transaction keeps its files
+                path.unlink(missing_ok=True)
 
     def set_leaf(self, conversation_id: int, message_id: int) -> None:
         with self.write() as db:
@@ -163,7 +220,7 @@ class ConversationQueries(StoreBase):
         prompt = []
         for message in path[:-1]:
             parts = [{"type": "image", "path": str(p)} for p in self.message_images(message["id"])]
-            if message["text"]:
+            if message["text"] or message["role"] == "assistant":  # an empty answer is a turn all the same
                 parts.append({"type": "text", "text": message["text"]})
             prompt.append({"role": message["role"], "content": parts})
         generation = self.generation(message_id) or {}

@@ -7,7 +7,10 @@ Invariants:
   being streamed: that one finishes on the adapter it started with, the next one starts on the new.
 - A version that fails validation (another base, altered files, missing metadata) is not served:
   the engine keeps answering with what it had, and the reason is logged once and kept in
-  `last_error` for the admin page. The follower itself never dies of an error.
+  `last_error` for the admin page. So is a version that passed validation but that peft could not
+  load: the engine tries it once (at the first answer after the switch), falls back to the version
+  it had, and records why in `Engine.adapter_errors`, which the next check reports here. The
+  follower itself never dies of an error.
 - Reading the pointer is the only I/O; the weights are loaded by the first generation that uses
   the new version, under the engine's generation lock.
 """
@@ -61,6 +64,12 @@ class ActiveFollower:
         except Exception as error:
             self._refused = wanted
             self._note(f"not serving adapter {wanted}: {error}")
+            return self.engine.adapter
+        load_error = getattr(self.engine, "adapter_errors", {}).get(wanted)
+        if load_error is not None:  # it passed the checks but peft could not load it (see Engine)
+            self._refused = wanted
+            self._note(f"not serving adapter {wanted}: peft could not load it ({load_error}); still answering "
+                       f"with {self.engine.adapter or 'the base model'}")
             return self.engine.adapter
         was = self.engine.adapter
         self.engine.follow(wanted, path)

@@ -6,48 +6,31 @@ Invariants:
   page hiding a button.
 - Every input is validated here (`inputs`: limits from `config`, images through `images.load_image`)
   before anything is stored; a refused request changes nothing.
-- The user's message (and images) are committed before generation starts; the answer is committed
-  when generation ends, also when it was stopped or the client went away (with what was produced),
-  so nothing the user wrote or saw is lost.
+- The user's message (and images) are committed before generation starts, and discarded again
+  (with a conversation it started) when the request is refused before any answer: the prompt does
+  not fit the context, the conversation is full.
+- Answers are streamed and stored by `answering`: saved as they stream (marked cut off until they
+  end), an answer without text stored too and never blocking the conversation.
 - Talks to the store only through its named methods, and to A/B tests only through `ab.ABTest`
   (which version answers a compare side, picks, the policy that may activate a version).
 - Never imports torch or gradio; the engine object is given.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from chatapp.core import config
 from chatapp.core.config import GenerationParams
 from chatapp.core.errors import AccessDenied, RequestError
-from chatapp.feedback.images import load_image
 from chatapp.feedback.store import PICKS, Store
 from chatapp.learning.ab import ABTest
-from chatapp.web.inputs import check_images, parse_id, validate_system_prompt, validate_text, validate_vote
+from chatapp.web.answering import ChatEvent, engine_messages, stream_answer
+from chatapp.web.inputs import (check_images, parse_id, validate_choice, validate_system_prompt, validate_text,
+                                validate_vote)
 from chatapp.web.users import User
 
 LIVE = object()  # the adapter version the engine answers with when the answer starts
-
-
-@dataclass
-class ChatEvent:
-    """A step of a streamed answer. `message_id` is set on the last event (`done`), once stored."""
-    conversation_id: int
-    user_message_id: int
-    text: str
-    done: bool = False
-    message_id: int | None = None
-    model: str = ""
-    adapter: str | None = None
-    meta: dict = field(default_factory=dict)
-    side: str | None = None  # "a" or "b" in a comparison
-
-    def as_dict(self) -> dict:
-        return {"conversation_id": self.conversation_id, "user_message_id": self.user_message_id,
-                "message_id": self.message_id, "text": self.text, "done": self.done, "model": self.model,
-                "adapter": self.adapter or "none", "side": self.side, "meta": self.meta}
 
 
 class ChatService:
@@ -102,64 +85,25 @@ class ChatService:
 
     # ------------------------------------------------------------ generating
 
-    def _engine_messages(self, path: list[dict]) -> list[dict]:
-        messages = []
-        for message in path:
-            parts = [{"type": "image", "image": load_image(p)} for p in self.store.message_images(message["id"])]
-            if message["text"]:
-                parts.append({"type": "text", "text": message["text"]})
-            messages.append({"role": message["role"], "content": parts})
-        return messages
-
     def _answer(self, user_message: dict, params: GenerationParams, system_prompt: str, kind: str,
-                side: str | None = None, adapter=LIVE) -> Iterator[ChatEvent]:
+                side: str | None = None, adapter=LIVE, refused=None) -> Iterator[ChatEvent]:
+        """Stream and store an answer to a stored user message (see `answering`); `refused()` undoes
+        that message when the request is refused before any answer."""
         path = self.store.path_to(user_message["id"])
         if len(path) + 1 > config.MAX_CONVERSATION_MESSAGES:
+            if refused is not None:
+                refused()
             raise RequestError(f"this conversation has reached {config.MAX_CONVERSATION_MESSAGES} messages; "
                                f"start a new chat")
-        messages = self._engine_messages(path)
-        conversation_id = user_message["conversation_id"]
+        messages = engine_messages(self.store, path)
         if adapter is LIVE:  # fixed now: the answer finishes on the version it started with
             adapter = self.serving()
-        text, meta, stored = "", None, False
-        stream = self.engine.stream(messages, params, system_prompt=system_prompt or None, adapter=adapter)
-        try:
-            for event in stream:
-                text = event.text
-                if event.done:
-                    meta = event.meta
-                    break
-                if event.delta:
-                    yield ChatEvent(conversation_id, user_message["id"], text, model=self.engine.model_id,
-                                    adapter=adapter, side=side)
-        finally:
-            stream.close()
-            # Stopped, or the client went away: keep what was produced (marked as stopped).
-            if meta is None and text:
-                self.store.add_message(conversation_id, user_message["id"], "assistant", text, kind=kind,
-                                       generation=self._generation_record(None, params, system_prompt, adapter))
-                stored = True
-        if stored or meta is None:
-            return
-        message_id = self.store.add_message(conversation_id, user_message["id"], "assistant", text, kind=kind,
-                                            generation=self._generation_record(meta, params, system_prompt, adapter))
-        yield ChatEvent(conversation_id, user_message["id"], text, done=True, message_id=message_id,
-                        model=meta.model_id, adapter=meta.adapter, side=side,
-                        meta={"reply_tokens": meta.reply_tokens, "prompt_tokens": meta.prompt_tokens,
-                              "tokens_per_s": meta.tokens_per_s, "finish_reason": meta.finish_reason,
-                              "trimmed_messages": meta.trimmed_messages, "seed": meta.seed})
+        yield from stream_answer(self.engine, self.store, user_message, messages, params, system_prompt, kind,
+                                 adapter=adapter, side=side, refused=refused)
 
-    def _generation_record(self, meta, params: GenerationParams, system_prompt: str, adapter) -> dict:
-        if meta is None:
-            return {"model_id": self.engine.model_id, "adapter_version": adapter, "params": params.as_dict(),
-                    "seed": params.seed, "system_prompt": system_prompt, "finish_reason": "stopped"}
-        return {"model_id": meta.model_id, "adapter_version": meta.adapter, "params": meta.params,
-                "seed": meta.seed, "system_prompt": system_prompt, "prompt_tokens": meta.prompt_tokens,
-                "reply_tokens": meta.reply_tokens, "time_to_first_token_s": meta.time_to_first_token_s,
-                "tokens_per_s": meta.tokens_per_s, "total_s": meta.total_s, "finish_reason": meta.finish_reason,
-                "trimmed_messages": meta.trimmed_messages}
-
-    def _new_user_turn(self, user: User, conversation_id, text, image_paths, system_prompt: str) -> dict:
+    def _new_user_turn(self, user: User, conversation_id, text, image_paths, system_prompt: str):
+        """Store the user's message (starting a conversation when none is given). Returns the stored
+        message and a function that discards it again (for a request refused before any answer)."""
         text = validate_text(text, allow_empty=bool(image_paths))
         conversation = None
         if conversation_id not in (None, "", 0):
@@ -174,17 +118,16 @@ class ChatService:
             if leaf is not None and leaf["role"] != "assistant":
                 # the last turn got no answer (it failed or was stopped at once): this one replaces it, as an edit
                 parent_id = leaf["parent_id"]
-        shas = [self.store.save_image(image).sha256 for image in images]
-        message_id = self.store.add_message(conversation_id, parent_id, "user", text, image_shas=shas)
-        return self.store.message(message_id)
+        message_id = self.store.add_user_message(conversation_id, parent_id, text, images)
+        return self.store.message(message_id), lambda: self.store.discard_user_message(message_id, conversation)
 
     def chat(self, user: User, conversation_id, text, image_paths=(), params: GenerationParams | None = None,
              system_prompt: str = "") -> Iterator[ChatEvent]:
         """Start (conversation_id empty) or continue a conversation; streams the answer."""
         params = params or config.validate_generation()
         system_prompt = validate_system_prompt(system_prompt)
-        user_message = self._new_user_turn(user, conversation_id, text, image_paths, system_prompt)
-        yield from self._answer(user_message, params, system_prompt, "chat")
+        user_message, discard = self._new_user_turn(user, conversation_id, text, image_paths, system_prompt)
+        yield from self._answer(user_message, params, system_prompt, "chat", refused=discard)
 
     def regenerate(self, user: User, message_id, params: GenerationParams | None = None,
                    system_prompt: str | None = None) -> Iterator[ChatEvent]:
@@ -203,12 +146,13 @@ class ChatService:
         """Branch: a new version of a user message (same parent, same images) and an answer to it."""
         message = self._own_message(user, message_id, role="user")
         text = validate_text(text, allow_empty=bool(self.store.message_images(message["id"])))
-        shas = self.store.message_image_shas(message["id"])
-        new_id = self.store.add_message(message["conversation_id"], message["parent_id"], "user", text,
-                                        kind="edit", image_shas=shas)
         params = params or config.validate_generation()
         system_prompt = self._system_prompt_of(message) if system_prompt is None else validate_system_prompt(system_prompt)
-        yield from self._answer(self.store.message(new_id), params, system_prompt, "chat")
+        conversation = self.store.conversation(message["conversation_id"])
+        new_id = self.store.add_user_message(message["conversation_id"], message["parent_id"], text, kind="edit",
+                                             image_shas=self.store.message_image_shas(message["id"]))
+        yield from self._answer(self.store.message(new_id), params, system_prompt, "chat",
+                                refused=lambda: self.store.discard_user_message(new_id, conversation))
 
     def compare(self, user: User, conversation_id, text, image_paths=(), params: GenerationParams | None = None,
                 system_prompt: str = "", params_b: GenerationParams | None = None,
@@ -224,11 +168,11 @@ class ChatService:
             params_b = GenerationParams(**{**params.as_dict(), "seed": seed_b})
         system_prompt = validate_system_prompt(system_prompt)
         sides = self._compare_versions(user, versions)
-        user_message = self._new_user_turn(user, conversation_id, text, image_paths, system_prompt)
+        user_message, discard = self._new_user_turn(user, conversation_id, text, image_paths, system_prompt)
         finals = {}
         for (side, side_params), version in zip((("a", params), ("b", params_b)), sides):
             for event in self._answer(user_message, side_params, system_prompt, "compare", side=side,
-                                      adapter=version):
+                                      adapter=version, refused=discard if side == "a" else None):
                 if event.done:
                     finals[side] = event
                 yield event
@@ -305,8 +249,7 @@ class ChatService:
         comparison = self.store.comparison(comparison_id)
         if comparison is None or comparison["user_id"] != self.user_id(user):
             raise AccessDenied(f"comparison {comparison_id} does not exist or is not yours")
-        if pick not in PICKS:
-            raise RequestError(f"pick must be one of {', '.join(PICKS)}, got {pick!r}")
+        pick = validate_choice(pick, PICKS, "pick")
         recorded = self.ab.record_pick(comparison, pick, self.serving())
         chosen = comparison["b_id"] if pick == "b" else comparison["a_id"]
         conversation_id = self.store.message(chosen)["conversation_id"]

@@ -20,6 +20,7 @@ import gradio as gr
 
 from chatapp.core import config
 from chatapp.web import generation_settings
+from chatapp.web.access import editable_prefix, image_html
 from chatapp.web.api import as_gradio_errors, caller, file_path, register
 from chatapp.web.chat import ChatService
 from chatapp.core.errors import RequestError
@@ -44,8 +45,8 @@ def _footer(message: dict) -> str:
         bits.append(f"answer {message['position']} of {len(message['siblings'])}")
     if message.get("preferred"):
         bits.append("★ preferred")
-    if message.get("finish_reason") == "stopped":
-        bits.append("stopped")
+    ending = {"stopped": "stopped", "cut_off": "cut off"}.get(message.get("finish_reason"))  # cut off: by a crash
+    bits += [bit for bit in (ending, "" if message["text"] else "no text") if bit]
     bits.append(f"{message.get('model')} · adapter {message.get('adapter') or 'none'}")
     return f"\n\n<sub>{html.escape(' · '.join(bits))}</sub>"
 
@@ -56,8 +57,8 @@ def render(conversation: dict | None) -> tuple[list, list, list, int | None]:
     entries, ids, feedback, last_answer = [], [], [], None
     for message in (conversation or {}).get("messages", []):
         if message["role"] == "user":
-            for path in message["images"]:
-                entries.append({"role": "user", "content": {"path": path}})
+            for index, _ in enumerate(message["images"]):  # served by access.py's route, never as a file
+                entries.append({"role": "user", "content": image_html(message["id"], index)})
                 ids.append(message["id"])
             if message["text"]:
                 entries.append({"role": "user", "content": message["text"]})
@@ -215,7 +216,7 @@ class ChatPage:
         text = value if isinstance(value, str) else (value or {}).get("text", "") if isinstance(value, dict) else str(value)
         index = edit.index[0] if isinstance(edit.index, (list, tuple)) else edit.index
         conversation = self.service.conversation(user, state.conversation_id)
-        entries = render(conversation)[0][:int(index)] + [{"role": "user", "content": text}]
+        entries = editable_prefix(render(conversation)[0], index) + [{"role": "user", "content": text}]
         yield from self._stream(user, state, self.service.edit(user, message_id, text, params), entries)
 
     # ------------------------------------------------------------ feedback
@@ -306,7 +307,7 @@ class ChatPage:
     def build(self, model_id: str, notice: str | None = None, admin=None) -> gr.Blocks:
         from chatapp.web import admin_page
 
-        with gr.Blocks(title=TITLE) as app:
+        with gr.Blocks(title=TITLE, delete_cache=(config.UPLOAD_CACHE_SWEEP_S, config.UPLOAD_CACHE_MAX_AGE_S)) as app:
             register(self.service, self.users)  # first, so the API gets its names before page events do
             if admin is not None:
                 admin_page.register(admin, self.users)
