@@ -85,6 +85,7 @@ def engine_stream(engine: Engine, image, question: str, tokens: int) -> tuple[fl
 
 def bench_model(name: str, path: str, tokens: int, repeats: int) -> dict:
     engine = Engine.load(path)
+    engine.cache = None  # the same prompt every run: with the prefix cache the engine would skip its prefill
     image = shapes.render(shapes.random_scene(random.Random(0)))
     question = "Describe the image."
     engine_stream(engine, image, question, 4)  # warm-up both paths

@@ -34,3 +34,53 @@ def test_smolvlm_sized_checkpoint_loads_and_answers_about_an_image(smolvlm_path)
     # 16 tiles of 512 px plus the global image, 64 tokens each: the real processor's expansion.
     assert reply.meta.prompt_tokens > 17 * 64
     assert reply.meta.reply_tokens == 3 and reply.meta.finish_reason == "length"
+
+
+def test_smolvlm_sized_tokenizer_covers_the_whole_vocabulary(smolvlm_path):
+    from transformers import AutoProcessor
+
+    from chatapp.demo.architecture import SPECIAL_TOKENS
+    from chatapp.demo.smolvlm_sized import SMOLVLM_256M_DIMS
+
+    tokenizer = AutoProcessor.from_pretrained(smolvlm_path).tokenizer
+    assert len(tokenizer) == SMOLVLM_256M_DIMS["vocab_size"] == 49280  # the real head size
+    special = set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS))  # the template's own tokens
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer)) if i not in special], skip_special_tokens=True)
+    assert all(texts)  # every id but the special ones decodes to text (a few bytes to whitespace)
+    placeholders = texts[-40_000:]
+    assert all(text.startswith(" ") and text[1:].isalpha() for text in placeholders)
+    assert len(set(placeholders)) == len(placeholders)  # distinct words
+    question = "How many red circles are there?"  # the shapes-world words still encode as before
+    assert tokenizer.decode(tokenizer(question)["input_ids"]) == question
+
+
+def test_smolvlm_sized_model_holds_a_multi_turn_conversation(smolvlm_path):
+    engine = Engine.load(str(smolvlm_path))
+    params = validate_generation(temperature=0, max_new_tokens=6)
+    conversation = []
+    for question in ["Hello there.", "Tell me more.", "And then?"]:
+        conversation.append({"role": "user", "content": [{"type": "text", "text": question}]})
+        reply = engine.generate(conversation, params, generate_overrides={"min_new_tokens": 6})
+        assert reply.text.strip(), f"turn {len(conversation)} decoded to no text"
+        conversation.append({"role": "assistant", "content": [{"type": "text", "text": reply.text}]})
+    assert reply.meta.prompt_tokens > 20  # the third turn's prompt holds the first two exchanges
+
+
+def test_smolvlm_sized_follow_up_reuses_the_conversation_and_answers_the_same(smolvlm_path):
+    """The prefix cache on the real-size layout (17 frames of 512 px, image splitting): the follow-up
+    reuses the first turn's KV cache, image included, and greedy replies are the same as without it."""
+    engine = Engine.load(str(smolvlm_path))
+    params = validate_generation(temperature=0, max_new_tokens=8)
+    image = shapes.render(shapes.random_scene(random.Random(0)))
+    first = [{"role": "user", "content": [{"type": "image", "image": image},
+                                          {"type": "text", "text": "Describe the image."}]}]
+    cached = engine.generate(first, params, generate_overrides={"min_new_tokens": 8})
+    follow_up = first + [{"role": "assistant", "content": [{"type": "text", "text": cached.text}]},
+                         {"role": "user", "content": [{"type": "text", "text": "Tell me more."}]}]
+    cached_follow_up = engine.generate(follow_up, params, generate_overrides={"min_new_tokens": 8})
+    assert engine.cache.stats["prefix_hits"] == 1 and engine.cache.stats["reused_tokens"] > 17 * 64
+    engine.cache = None  # the plain path: every turn encodes the whole conversation
+    plain = engine.generate(first, params, generate_overrides={"min_new_tokens": 8})
+    plain_follow_up = engine.generate(follow_up, params, generate_overrides={"min_new_tokens": 8})
+    assert (cached.text, cached_follow_up.text) == (plain.text, plain_follow_up.text)
+    assert cached_follow_up.text and cached_follow_up.meta.reply_tokens == plain_follow_up.meta.reply_tokens == 8

@@ -12,9 +12,14 @@ Invariants:
 - When a conversation is longer than the context, the oldest turns go first; the system prompt
   and the newest user turn are always kept, and the reply's metadata says how many were dropped.
 - A stop request ends generation within one token (a stopping criterion checked every step).
+- A reply starts from the longest prefix of its prompt that the same adapter version computed
+  before (`self.cache`, serving/cache.py: KV caches and image features under a byte budget);
+  greedy output is the same as with `self.cache = None`, where every prompt is computed whole.
 - Adapters: each generation answers from one adapter version (or the base), chosen when it
   starts and recorded in its metadata; `follow()` changes the default for generations that start
-  later without waiting for the one streaming now (hot-swap), and never fails a request.
+  later without waiting for the one streaming now (hot-swap), and never fails a request: a followed
+  version peft cannot load is tried once, recorded in `adapter_errors`, and the engine keeps answering
+  from the last default version that loaded.
 """
 from __future__ import annotations
 
@@ -29,10 +34,15 @@ from typing import Iterator
 from chatapp.core import config
 from chatapp.core.config import GenerationParams, ParameterError
 from chatapp.core.errors import EngineError, ModelLoadError  # noqa: F401 (re-exported)
+from chatapp.serving.cache import ServingCache, plan as plan_cached
 from chatapp.serving.loading import load_model
 from chatapp.serving.messages import normalize_messages, oldest_turn_length, split_system
 from chatapp.serving.streaming import (IncrementalDecoder, Reply, ReplyMeta, StopSignal, StreamEvent, TokenQueue,
                                        seed_sampling)
+
+class AdapterLoadError(EngineError):
+    """peft could not load an adapter version that passed the registry's checks."""
+
 
 MAX_LOADED_ADAPTERS = 8  # LoRA weights kept in memory for A/B and quick switches; the oldest go first
 DEFAULT_ADAPTER = object()  # stream(adapter=...) default: the engine's current version
@@ -48,6 +58,10 @@ class Engine:
         self._paths: dict[str, object] = {}
         self._last_used: dict[str, float] = {}
         self._peft = False  # becomes a PeftModel holding the loaded adapter versions on first use
+        # Versions peft could not load, with the reason: never tried again (a published version never
+        # changes), and the hot-swap follower reports them instead of switching to them.
+        self.adapter_errors: dict[str, str] = {}
+        self._loaded_default: str | None = None  # the last default version that loaded: where a failed switch falls back
         self._lock = threading.Lock()
         # Every generate() of this engine runs on this one thread. Two threads running torch ops
         # slow each other 2-3x on a 2-core machine (their OpenMP teams compete; measured), so the
@@ -63,6 +77,8 @@ class Engine:
         if isinstance(end_of_utterance, int) and end_of_utterance != tokenizer.unk_token_id:
             self._eos_ids.add(end_of_utterance)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self._eos_ids), 0)
+        self.cache = ServingCache(config.SERVING_CACHE_BYTES)  # None: every reply computes its whole prompt
+        self._prompt_images: list = []  # the images of the prompt prepare() built last, in order
 
     @property
     def device(self):
@@ -77,7 +93,7 @@ class Engine:
             if version is not None:
                 self._paths[version] = path if path is not None else self._paths.get(version)
                 self._select(version)
-            self.adapter = version
+            self.adapter = self._loaded_default = version
 
     def follow(self, version: str | None, path=None) -> None:
         """Make `version` the default for answers that start from now on, without waiting: it is
@@ -91,24 +107,56 @@ class Engine:
         Called with the generation lock held."""
         if version is None:
             return
-        from peft import PeftModel
-
+        if version in self.adapter_errors:
+            raise AdapterLoadError(f"adapter {version} cannot be loaded: {self.adapter_errors[version]}")
         path = self._paths.get(version)
         if not self._peft or version not in self.model.peft_config:
             if path is None and self.adapter_source is not None:
                 path = self._paths[version] = self.adapter_source(version)
             if path is None:
                 raise EngineError(f"adapter {version} is not loaded and no folder was given")
+            self._load_adapter(version, path)
+        if self.model.active_adapter != version:
+            self.model.set_adapter(version)
+            self.model.eval()
+        self._last_used[version] = time.monotonic()
+        self._unload_extra(keep={version, self.adapter, self._loaded_default})
+
+    def _load_adapter(self, version: str, path) -> None:
+        """Load a validated version folder into peft. A folder peft refuses (e.g. target modules the base
+        does not have) leaves the model as it was; the reason is kept in `adapter_errors`, named by
+        version (never by the folder's absolute path)."""
+        from peft import PeftModel
+
+        try:
             if not self._peft:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version).eval()
                 self._peft = True
             else:
                 self.model.load_adapter(str(path), adapter_name=version)
-        if self.model.active_adapter != version:
-            self.model.set_adapter(version)
-            self.model.eval()
-        self._last_used[version] = time.monotonic()
-        self._unload_extra(keep={version, self.adapter})
+        except Exception as error:  # peft and safetensors raise many kinds; all mean "not this version"
+            reason = (str(error) or type(error).__name__).replace(str(path), version).strip()
+            self.adapter_errors[version] = reason
+            self._paths.pop(version, None)
+            raise AdapterLoadError(f"adapter {version} cannot be loaded: {reason}") from None
+
+    def _select_for_request(self, version: str | None, named: bool) -> str | None:
+        """Select the version a generation answers from and return it. The engine's default version
+        (named=False) that fails to load is dropped for the last default that loaded, so a broken
+        version never fails a chat; a version the request named fails the request."""
+        try:
+            self._select(version)
+        except AdapterLoadError:
+            if named:
+                raise
+            fallback = self._loaded_default if self._loaded_default != version else None
+            if self.adapter == version:  # unless a newer version was followed meanwhile
+                self.adapter = fallback
+            version = fallback
+            self._select(version)
+        if not named:
+            self._loaded_default = version
+        return version
 
     def _unload_extra(self, keep: set) -> None:
         """Keep at most MAX_LOADED_ADAPTERS loaded: drop the least recently used (never the one
@@ -142,6 +190,7 @@ class Engine:
         images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
         prompt = self.processor.apply_chat_template(template, add_generation_prompt=True)
         kwargs = {"images": [images]} if images else {}
+        self._prompt_images = images
         return self.processor(text=[prompt], return_tensors="pt", **kwargs)
 
     def prepare(self, messages: list[dict], params: GenerationParams, system_prompt: str | None = None):
@@ -179,7 +228,8 @@ class Engine:
         with self._lock:
             started = time.perf_counter()
             version = self.adapter if adapter is DEFAULT_ADAPTER else adapter
-            self._select(version)
+            # a request naming the default version (as the chat service does) may fall back like the default
+            version = self._select_for_request(version, named=version != self.adapter)
             seed = params.seed if params.seed is not None else secrets.randbelow(config.SEED_MAX)
             streamer = TokenQueue(stop)
             prepared: dict = {}
@@ -205,7 +255,16 @@ class Engine:
                     base_only = self.model.disable_adapter() if self._peft and version is None \
                         else contextlib.nullcontext()
                     with torch.inference_mode(), base_only:
-                        self.model.generate(**kwargs)
+                        # The same prompt, from the longest prefix this adapter version (named and where
+                        # it was loaded from) computed before.
+                        weights = (version, str(self._paths.get(version)) if version is not None else None)
+                        cached = self.cache is not None and plan_cached(self.cache, self.model, self.processor, inputs,
+                                                                        self._prompt_images, weights)
+                        if cached:
+                            kwargs = {k: v for k, v in kwargs.items() if k not in inputs} | cached.kwargs
+                        output = self.model.generate(**kwargs)
+                    if cached:
+                        cached.finish(output)
                 finally:
                     streamer.end()
 
