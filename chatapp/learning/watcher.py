@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from chatapp.core.clock import now_iso, seconds_since
-from chatapp.feedback.store import TRAINER_SETTING
+from chatapp.feedback.store import TRAINER_SETTING, Store
 from chatapp.learning.settings import WatchSettings
 
 TRAINER_LOG = "trainer.log"
@@ -65,7 +65,6 @@ def watch(data_dir, model_name: str | None, train_settings, settings: WatchSetti
           stop: threading.Event | None = None) -> None:
     """The loop of `train --watch`: poll, train when due, repeat until `stop` or the parent is gone."""
     from chatapp.learning.registry import Registry
-    from chatapp.feedback.store import Store
     from chatapp.learning.data import NotEnoughFeedback
     from chatapp.learning.trainer import TrainingBusy, train
 
@@ -173,8 +172,6 @@ class TrainerSupervisor:
             log_file.close()
 
     def _run(self) -> None:
-        from chatapp.feedback.store import Store
-
         store = Store(self.data_dir)
         quick_deaths = 0
         while not self._stopping.is_set():
