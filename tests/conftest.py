@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import fault_figures
 from support import ARTIFACTS, BROWSER_ARGS, CHROMIUM
 
 _HF_HOME = tempfile.mkdtemp(prefix="chatapp-hf-")
@@ -51,3 +52,10 @@ def browser():
         browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         yield browser
         browser.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault suite ends with one line of its figures (tests/fault_figures.py)."""
+    line = fault_figures.summary_line()
+    if line:
+        terminalreporter.write_line(line)
