@@ -37,7 +37,7 @@ def finished_run(store, status: str = "rejected", finished_at: str | None = None
 
 
 def test_a_run_starts_when_enough_new_labels_arrived(store):
-    settings = WatchSettings(train_after=3)
+    settings = WatchSettings(train_after=3, quiet_s=0)
     assert watcher.due(store, settings) == (None, "waiting for feedback: 0 of 3 new labels")
     vote(store, 2)
     assert watcher.due(store, settings) == (None, "waiting for feedback: 2 of 3 new labels")
@@ -53,7 +53,7 @@ def test_votes_preferences_and_compare_picks_all_count_as_labels(store):
     comparison = store.create_comparison(user, message["parent_id"], first, second)
     assert watcher.due(store, WatchSettings(train_after=2))[0] is None  # an undecided comparison is no label
     store.pick(comparison, "a")
-    assert watcher.due(store, WatchSettings(train_after=2)) == ("labels", "training now: 2 new labels (threshold 2)")
+    assert watcher.due(store, WatchSettings(train_after=2, quiet_s=0)) == ("labels", "training now: 2 new labels (threshold 2)")
 
 
 def test_labels_count_from_the_start_of_the_newest_run_that_did_its_work(store):
@@ -65,7 +65,7 @@ def test_labels_count_from_the_start_of_the_newest_run_that_did_its_work(store):
     assert watcher.due(store, settings) == (None, "waiting for feedback: 1 of 2 new labels")
     # a failed run does not reset the count: the same labels are tried again after the retry wait
     failed = finished_run(store, "failed")
-    assert watcher.due(store, WatchSettings(train_after=1, retry_s=0)) == \
+    assert watcher.due(store, WatchSettings(train_after=1, retry_s=0, quiet_s=0)) == \
         ("labels", "training now: 1 new labels (threshold 1)")
     reason, message = watcher.due(store, WatchSettings(train_after=1, retry_s=300))
     assert reason is None and message.startswith(f"run {failed} failed; retrying in ")
@@ -90,7 +90,7 @@ def test_an_admin_request_starts_a_run_without_new_labels(store):
 
 
 def test_the_schedule_needs_a_new_label_and_the_interval_since_the_last_run(store):
-    settings = WatchSettings(train_after=50, train_every_s=60)
+    settings = WatchSettings(train_after=50, train_every_s=60, quiet_s=0)
     assert watcher.due(store, settings)[0] is None  # nothing new: no run, whatever the schedule
     vote(store)  # and no run has ever finished: the schedule is due at once
     assert watcher.due(store, settings) == ("schedule", "training now: scheduled every 60 s (1 new labels)")

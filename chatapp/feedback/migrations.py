@@ -108,3 +108,10 @@ def m004_live_loop(db: Database) -> None:
         {"id": int, "requested_by": str, "created_at": str, "run_id": int, "taken_at": str}, pk="id")
     # Settings admins change while the app runs (the A/B test), as JSON values by key.
     db["settings"].create({"key": str, "value": str, "updated_by": str, "updated_at": str}, pk="key")
+
+
+@migrations()
+def m005_run_estimates(db: Database) -> None:
+    # What a run was expected to cost before it started (learning/cost.py): JSON with the minutes,
+    # the parts, the measured unit costs and the budget it was fitted to.
+    db["training_runs"].add_column("estimate", str)

@@ -17,6 +17,7 @@ from chatapp.core.clock import now_iso
 from chatapp.feedback.store_base import StoreBase
 
 FINISHED_STATUSES = ("promoted", "rejected", "published", "skipped")  # the runs that did their work
+JSON_COLUMNS = ("metrics", "settings", "estimate")
 
 
 class RunQueries(StoreBase):
@@ -32,7 +33,7 @@ class RunQueries(StoreBase):
 
     def update_run(self, run_id: int, points: dict | None = None, **fields) -> None:
         """Progress of a run (phase, step, total_steps, loss, eta_s, ...) and optional curve points."""
-        for key in ("metrics", "settings"):
+        for key in JSON_COLUMNS:
             if key in fields and not isinstance(fields[key], str):
                 fields[key] = json.dumps(fields[key], sort_keys=True, default=str)
         with self.write() as db:
@@ -49,8 +50,8 @@ class RunQueries(StoreBase):
     def run(self, run_id: int) -> dict | None:
         row = self.one("SELECT * FROM training_runs WHERE id = ?", [run_id])
         if row:
-            for key in ("metrics", "settings"):
-                row[key] = json.loads(row[key]) if row[key] else {}
+            for key in JSON_COLUMNS:
+                row[key] = json.loads(row[key]) if row.get(key) else {}
         return row
 
     def runs(self, limit: int = 50) -> list[dict]:
@@ -89,6 +90,15 @@ class RunQueries(StoreBase):
     def running_run(self) -> dict | None:
         row = self.one("SELECT id FROM training_runs WHERE status = 'running' ORDER BY id DESC LIMIT 1")
         return self.run(row["id"]) if row else None
+
+    def label_times(self, since: str | None) -> list[str]:
+        """When each label counted by `labels_since(since)` was given or last changed, oldest first:
+        what the background trainer's quiet-period rule reads (learning/watcher.py)."""
+        return [row["at"] for row in self.query(
+            "SELECT updated_at AS at FROM feedback WHERE vote IS NOT NULL AND updated_at > :since "
+            "UNION ALL SELECT updated_at FROM preferences WHERE updated_at > :since "
+            "UNION ALL SELECT picked_at FROM comparisons WHERE pick IS NOT NULL AND picked_at > :since "
+            "ORDER BY at", {"since": since or ""})]
 
     # ------------------------------------------------------------ training requests
 

@@ -12,7 +12,13 @@ Invariants:
   last step of a run and is atomic, see `adapters`), and it is retried after `retry_s`.
 - "New labels" are votes, preferred siblings and compare picks given or changed after the start of
   the newest run that finished its work (promoted or rejected); so feedback given during a run
-  counts toward the next one, and a failed run does not reset the count.
+  counts toward the next one (a run is never restarted for them), and a failed run does not reset
+  the count.
+- A run that falls due on labels or the schedule starts only once no new label came for `quiet_s`
+  (a burst of votes makes one run with all of them, not several half-informed ones), and at the
+  latest `max_wait_s` after it fell due (so a steady trickle still trains); an admin's request
+  starts at once. The decision is a pure function of the labels' times, the runs and the settings
+  (`decide`; `replay` runs it over simulated time).
 - The loop writes its state (idle / training / waiting, and why) to the store's `trainer` setting
   every poll, so the admin page can say what it is doing; it exits when its parent (the server
   that started it) goes away.
@@ -26,39 +32,98 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
-from chatapp.core.clock import now_iso, seconds_since
+from chatapp.core.clock import now_iso
 from chatapp.feedback.store import TRAINER_SETTING, Store
 from chatapp.learning.settings import WatchSettings
 
 TRAINER_LOG = "trainer.log"
 
 
-def _age_s(stamp: str | None) -> float:
-    if not stamp:
-        return float("inf")
-    return seconds_since(stamp)
+def _epoch_s(stamp: str | None) -> float | None:
+    return datetime.fromisoformat(stamp).timestamp() if stamp else None
 
 
-def due(store, settings: WatchSettings) -> tuple[str | None, str]:
-    """Why a run should start now ("request", "labels", "schedule") or None, with a readable status."""
-    request = store.open_training_request()
+@dataclass(frozen=True)
+class TriggerState:
+    """What the trigger decides on, read from the store at one moment (times in epoch seconds)."""
+    now: float
+    label_times: tuple[float, ...] = ()  # the new labels, oldest first
+    last_done_at: float | None = None  # when the newest run that did its work finished (the schedule)
+    failed_run: int | None = None  # the newest run, when it failed
+    failed_at: float | None = None
+    requested_by: str | None = None  # an admin's open "train now"
+
+
+def decide(state: TriggerState, settings: WatchSettings) -> tuple[str | None, str]:
+    """Why a run should start now ("request", "labels", "schedule") or None, with a readable status.
+    Pure: the same state and settings give the same answer (tests replay bursts with it)."""
+    new = len(state.label_times)
+    if state.failed_run is not None and state.now - state.failed_at < settings.retry_s:
+        wait = settings.retry_s - (state.now - state.failed_at)
+        return None, f"run {state.failed_run} failed; retrying in {wait:.0f} s ({new} new labels)"
+    if state.requested_by:
+        return "request", f"training now: asked by {state.requested_by}"
+    if new >= settings.train_after:
+        reason, due_at = "labels", state.label_times[settings.train_after - 1]
+        message = f"training now: {new} new labels (threshold {settings.train_after})"
+    elif settings.train_every_s and new > 0 and (
+            state.last_done_at is None or state.now - state.last_done_at >= settings.train_every_s):
+        reason = "schedule"
+        due_at = max(state.label_times[0], (state.last_done_at or 0.0) + settings.train_every_s)
+        message = f"training now: scheduled every {settings.train_every_s:.0f} s ({new} new labels)"
+    else:
+        return None, f"waiting for feedback: {new} of {settings.train_after} new labels"
+    # a burst of votes makes one run: wait until none came for quiet_s, but at most max_wait_s
+    quiet_for, waited = state.now - state.label_times[-1], state.now - due_at
+    if quiet_for < settings.quiet_s and waited < settings.max_wait_s:
+        return None, (f"waiting for a quiet moment: {new} new labels, the last {quiet_for:.0f} s ago (a run starts "
+                      f"after {settings.quiet_s:.0f} s without one, at the latest in "
+                      f"{settings.max_wait_s - waited:.0f} s)")
+    if quiet_for < settings.quiet_s:
+        message += f"; labels still arriving after the longest wait ({settings.max_wait_s:.0f} s)"
+    return reason, message
+
+
+def trigger_state(store, now: float | None = None) -> TriggerState:
+    """The store's side of the trigger. New labels are those given or changed after the start of
+    the newest run that did its work, so labels given during a run count toward the next one."""
     last = store.last_run()
-    new = store.labels_since(last["started_at"] if last else None)
     newest = store.runs(limit=1)
     failed = newest[0] if newest and newest[0]["status"] == "failed" else None
-    if failed and _age_s(failed.get("finished_at") or failed.get("updated_at")) < settings.retry_s:
-        wait = settings.retry_s - _age_s(failed.get("finished_at") or failed.get("updated_at"))
-        return None, f"run {failed['id']} failed; retrying in {wait:.0f} s ({new} new labels)"
-    if request:
-        return "request", f"training now: asked by {request['requested_by']}"
-    if new >= settings.train_after:
-        return "labels", f"training now: {new} new labels (threshold {settings.train_after})"
-    if settings.train_every_s and new > 0 and _age_s(last["finished_at"] if last else None) >= settings.train_every_s:
-        return "schedule", f"training now: scheduled every {settings.train_every_s:.0f} s ({new} new labels)"
-    return None, f"waiting for feedback: {new} of {settings.train_after} new labels"
+    request = store.open_training_request()
+    return TriggerState(
+        now=time.time() if now is None else now,
+        label_times=tuple(_epoch_s(t) for t in store.label_times(last["started_at"] if last else None)),
+        last_done_at=_epoch_s(last["finished_at"]) if last else None,
+        failed_run=failed["id"] if failed else None,
+        failed_at=_epoch_s(failed.get("finished_at") or failed.get("updated_at")) if failed else None,
+        requested_by=request["requested_by"] if request else None)
+
+
+def due(store, settings: WatchSettings, now: float | None = None) -> tuple[str | None, str]:
+    """`decide` on the store's state now."""
+    return decide(trigger_state(store, now), settings)
+
+
+def replay(label_times: list[float], settings: WatchSettings, run_s: float, until: float) -> list[dict]:
+    """The runs the loop would start, polling every `poll_s` from 0 to `until` (seconds), for labels
+    arriving at `label_times`, when each run takes `run_s` and does its work: [{"start", "labels"}]."""
+    runs, now, counted_from, last_done_at = [], 0.0, None, None
+    times = sorted(label_times)
+    while now <= until:
+        new = tuple(t for t in times if t <= now and (counted_from is None or t > counted_from))
+        reason, _ = decide(TriggerState(now=now, label_times=new, last_done_at=last_done_at), settings)
+        if reason is None:
+            now += settings.poll_s
+            continue
+        runs.append({"start": now, "labels": len(new)})
+        counted_from, now = now, now + run_s  # the loop is busy training; labels meanwhile wait for the next run
+        last_done_at = now
+    return runs
 
 
 def watch(data_dir, model_name: str | None, train_settings, settings: WatchSettings, log=print,
@@ -81,7 +146,8 @@ def watch(data_dir, model_name: str | None, train_settings, settings: WatchSetti
     for stale in store.fail_stale_runs(_live_version(data_dir)):
         log(f"watch: run {stale} had died; recorded as ended")
     log(f"watch: watching {data_dir} (train after {settings.train_after} new labels"
-        + (f" or every {settings.train_every_s:.0f} s" if settings.train_every_s else "") + ")")
+        + (f" or every {settings.train_every_s:.0f} s" if settings.train_every_s else "")
+        + f", once none came for {settings.quiet_s:.0f} s, at the latest {settings.max_wait_s:.0f} s after)")
     while not stop.is_set():
         if os.getppid() != parent:  # the server that started this loop is gone
             log("watch: parent process ended; stopping")
