@@ -11,6 +11,10 @@ one, so its first turn computes everything too). TTFT is the reply's `time_to_fi
 the prompt's processing included. Prints both paths' first-turn and follow-up TTFT, the ratio
 follow-up / first turn for each (goal with the cache: <= 0.1), and whether the replies are
 identical (they must be: greedy output does not depend on the cache).
+
+Image detail (issue 13 item 2): the conversations above see the image at detail=high (17 frames).
+Each repeat also asks the same first turn at detail=low (one 512 px frame, 64 image tokens) on the
+plain path, and the bench prints first-turn TTFT at low / at high on the same model (goal <= 0.15).
 """
 from __future__ import annotations
 
@@ -32,22 +36,34 @@ from chatapp.serving.engine import Engine  # noqa: E402
 
 CACHE = ROOT / "bench" / "cache"
 GOAL = 0.1  # follow-up TTFT / first-turn TTFT with the cache (issue 13)
+DETAIL_GOAL = 0.15  # first-turn TTFT at detail=low / at detail=high (issue 13)
 
 
-def conversation_ttfts(engine: Engine, image, tokens: int) -> tuple[list[float], list[str], int]:
-    params = validate_generation(temperature=0, max_new_tokens=tokens)
+def conversation_ttfts(engine: Engine, image, tokens: int,
+                       detail: str = "high") -> tuple[list[float], list[str], list[int]]:
+    params = validate_generation(temperature=0, max_new_tokens=tokens, image_detail=detail)
     conversation = [{"role": "user", "content": [{"type": "image", "image": image},
                                                  {"type": "text", "text": "Describe the image."}]}]
-    ttfts, texts, prompt_tokens = [], [], 0
+    ttfts, texts, prompt_tokens = [], [], []
     for follow_up in ("Tell me more about it.", None):
         reply = engine.generate(conversation, params, generate_overrides={"min_new_tokens": tokens})
         ttfts.append(reply.meta.time_to_first_token_s)
         texts.append(reply.text)
-        prompt_tokens = reply.meta.prompt_tokens
+        prompt_tokens.append(reply.meta.prompt_tokens)
         if follow_up:
             conversation += [{"role": "assistant", "content": [{"type": "text", "text": reply.text}]},
                              {"role": "user", "content": [{"type": "text", "text": follow_up}]}]
     return ttfts, texts, prompt_tokens
+
+
+def first_turn_at(engine: Engine, image, tokens: int, detail: str) -> tuple[float, int]:
+    """(TTFT, prompt tokens) of the conversation's first turn at `detail`, on the plain path."""
+    params = validate_generation(temperature=0, max_new_tokens=tokens, image_detail=detail)
+    conversation = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                 {"type": "text", "text": "Describe the image."}]}]
+    reply = engine.generate(conversation, params, generate_overrides={"min_new_tokens": tokens})
+    assert reply.meta.params["image_detail"] == detail
+    return reply.meta.time_to_first_token_s, reply.meta.prompt_tokens
 
 
 def main() -> None:
@@ -64,18 +80,26 @@ def main() -> None:
     image = shapes.render(shapes.random_scene(random.Random(0)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; SmolVLM-sized random model, "
           f"{args.tokens}-token replies, {args.repeats} repeat(s), medians", flush=True)
+    # the process's first generation pays one-time setup: a short text reply takes it, not the first measured turn
+    engine.generate([{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
+                    validate_generation(temperature=0, max_new_tokens=2))
     runs = {"plain": [], "cached": []}
+    low_runs, low_tokens = [], 0
     identical = True
     for _ in range(args.repeats):
         engine.cache = None
-        plain, plain_texts, prompt_tokens = conversation_ttfts(engine, image, args.tokens)
+        low_ttft, low_tokens = first_turn_at(engine, image, args.tokens, "low")
+        low_runs.append(low_ttft)
+        plain, plain_texts, turn_tokens = conversation_ttfts(engine, image, args.tokens)
+        high_tokens, prompt_tokens = turn_tokens
         engine.cache = ServingCache(config.SERVING_CACHE_BYTES)
         cached, cached_texts, _ = conversation_ttfts(engine, image, args.tokens)
         identical &= plain_texts == cached_texts
         runs["plain"].append(plain)
         runs["cached"].append(cached)
         print(f"  plain {plain[0]:.2f} s / {plain[1]:.2f} s; cached {cached[0]:.2f} s / {cached[1]:.2f} s "
-              f"(reused {engine.cache.stats['reused_tokens']} of {prompt_tokens} follow-up prompt tokens)", flush=True)
+              f"(reused {engine.cache.stats['reused_tokens']} of {prompt_tokens} follow-up prompt tokens); "
+              f"first turn at detail=low {low_ttft:.2f} s ({low_tokens} prompt tokens)", flush=True)
     figures = {"prompt_tokens_follow_up": prompt_tokens, "tokens": args.tokens, "identical_replies": identical,
                "goal": f"cached follow-up / first turn <= {GOAL}", "runs": runs}
     print(f"{'path':<7} {'first turn':>11} {'follow-up':>10} {'ratio':>6}")
@@ -88,11 +112,23 @@ def main() -> None:
     verdict = "met" if ratio <= GOAL else "NOT met"
     print(f"follow-up / first turn with the cache: {ratio:.3f} (goal <= {GOAL}: {verdict}); "
           f"replies identical with and without the cache: {identical}")
+    low = statistics.median(low_runs)
+    high = figures["plain"]["first_turn_ttft_s"]
+    detail_ratio = low / high
+    figures["detail"] = {"low_first_turn_ttft_s": low, "high_first_turn_ttft_s": high, "ratio": detail_ratio,
+                         "low_prompt_tokens": low_tokens, "high_prompt_tokens": high_tokens, "goal": f"low / high <= {DETAIL_GOAL}", "low_runs": low_runs}
+    print(f"first-turn TTFT at detail=low is {detail_ratio:.3f} of detail=high on the same model "
+          f"({low:.2f} s, {low_tokens} prompt tokens / {high:.2f} s; goal: at most {DETAIL_GOAL}: "
+          f"{'met' if detail_ratio <= DETAIL_GOAL else 'NOT met'})")
     from bench.results import save_results  # a namespace package under ROOT, which is on sys.path (above)
 
     table = ["| path | first-turn TTFT | follow-up TTFT | follow-up / first |", "|---|---|---|---|"]
     table += [f"| {path} | {figures[path]['first_turn_ttft_s']:.2f} s | {figures[path]['follow_up_ttft_s']:.2f} s "
               f"| {figures[path]['ratio']:.3f} |" for path in runs]
+    table += ["", "| image detail | first-turn TTFT | prompt tokens |", "|---|---|---|",
+              f"| low (1 frame) | {low:.2f} s | {low_tokens} |",
+              f"| high (17 frames) | {high:.2f} s | {high_tokens} |",
+              f"| low / high | {detail_ratio:.3f} (goal <= {DETAIL_GOAL}) | |"]
     save_results("serving", figures, table,
                  f"SmolVLM-sized random model, one 17-frame image, {args.tokens}-token greedy replies, medians of "
                  f"{args.repeats}. Goal: follow-up / first turn <= {GOAL} with the cache. Replies identical with "

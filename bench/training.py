@@ -132,7 +132,7 @@ def child_serve(args) -> None:
 
     engine = Engine.load(args.model)
     loaded = rss_mb()
-    params = config.validate_generation(temperature=0, max_new_tokens=SERVE_TOKENS)
+    params = config.validate_generation(temperature=0, max_new_tokens=SERVE_TOKENS, image_detail="high")
     prompt_tokens = 0
     for i in range(args.replies):
         image = shapes.render(shapes.random_scene(random.Random(i)))

@@ -21,6 +21,9 @@ def test_generation_params_follow_the_specs():
     assert [f.default for f in fields] == [param.default for param in config.SAMPLING_PARAMS]
     assert config.validate_generation() == config.GenerationParams()
     for param in config.SAMPLING_PARAMS:
+        if param.choices:  # a choice has no bounds: its default is one of the choices
+            assert param.default in param.choices
+            continue
         assert param.low <= param.high and (param.optional or param.low <= param.default <= param.high)
 
 
@@ -41,7 +44,8 @@ def test_the_api_parameter_lists_keep_their_published_names_order_and_defaults(d
     with gr.Blocks() as app:
         register(ChatService(demo_engine, Store(tmp_path / "data")), Users(tmp_path / "data"))
     info = app.get_api_info()
-    sampling = [("temperature", 0.7), ("top_k", 50), ("top_p", 1.0), ("max_new_tokens", 256), ("seed", None)]
+    sampling = [("temperature", 0.7), ("top_k", 50), ("top_p", 1.0), ("max_new_tokens", 256), ("seed", None),
+                ("image_detail", "auto")]
     chat = [("conversation_id", ""), ("text", ""), ("image", None), *sampling, ("system_prompt", "")]
     assert _parameters(info, "/chat") == chat
     assert _parameters(info, "/regenerate") == [("message_id", None), *sampling]

@@ -30,7 +30,7 @@ def test_smolvlm_sized_checkpoint_loads_and_answers_about_an_image(smolvlm_path)
     image = shapes.render(shapes.random_scene(random.Random(0)))
     reply = engine.generate([{"role": "user", "content": [{"type": "image", "image": image},
                                                           {"type": "text", "text": "Describe the image."}]}],
-                            validate_generation(temperature=0, max_new_tokens=3),
+                            validate_generation(temperature=0, max_new_tokens=3, image_detail="high"),
                             generate_overrides={"min_new_tokens": 3})
     # 16 tiles of 512 px plus the global image, 64 tokens each: the real processor's expansion.
     assert reply.meta.prompt_tokens > 17 * 64
@@ -75,7 +75,7 @@ def test_smolvlm_sized_follow_up_reuses_the_conversation_and_answers_the_same(sm
     """The prefix cache on the real-size layout (17 frames of 512 px, image splitting): the follow-up
     reuses the first turn's KV cache, image included, and greedy replies are the same as without it."""
     engine = Engine.load(str(smolvlm_path))
-    params = validate_generation(temperature=0, max_new_tokens=8)
+    params = validate_generation(temperature=0, max_new_tokens=8, image_detail="high")
     image = shapes.render(shapes.random_scene(random.Random(0)))
     first = [{"role": "user", "content": [{"type": "image", "image": image},
                                           {"type": "text", "text": "Describe the image."}]}]

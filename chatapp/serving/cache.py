@@ -13,7 +13,8 @@ Invariants:
   is any key naming the weights (the engine passes the version and the folder it was loaded from).
 - Stored entries are never changed: a generation starts from a copy of the shared prefix.
 - A prefix is reused only where it is exactly the new prompt: the same token ids, the same images
-  (sha256 of the decoded pixels plus the image processor's settings) in the same places; it never
+  (sha256 of the decoded pixels plus the image processor's settings and the image detail: a low and a
+  high encoding of one picture are different features) in the same places; it never
   ends inside an image's tokens, and at least one prompt token is always left to run.
 - The tensors held stay within `budget_bytes` (the oldest out first: prefixes by when they were
   stored, image features by when they were last used; an entry larger than the budget is not
@@ -210,9 +211,11 @@ class Plan:
         self.owner.add_prefix(_Prefix(self.version, ids, digests, cache, tensor_bytes(tensors)))
 
 
-def plan(owner: ServingCache, model, processor, inputs, images: list, version) -> Plan | None:
+def plan(owner: ServingCache, model, processor, inputs, images: list, version, *,
+         image_detail: str = "high") -> Plan | None:
     """Inputs for `model.generate` that reuse `owner`'s longest matching prefix and cached image
-    features (run it under the adapter context the reply uses: features depend on the weights).
+    features (run it under the adapter context the reply uses: features depend on the weights;
+    `image_detail` is the detail `inputs` were made at).
     None: take the plain path (no budget, or a model or layout the cache does not know)."""
     import torch
     from transformers import DynamicCache
@@ -233,7 +236,7 @@ def plan(owner: ServingCache, model, processor, inputs, images: list, version) -
         if len(layout) != len(images) or inputs["pixel_values"].shape[1] != frames \
                 or not hasattr(model, "get_image_features"):
             return None
-    settings = processor.image_processor.to_json_string() if images else ""
+    settings = f"{processor.image_processor.to_json_string()}detail={image_detail}" if images else ""
     digests = [image_digest(image, settings) for image in images]
     spans = [(start, runs[-1][1]) for start, runs in layout]
     entry, length = owner.longest_prefix(version, ids, digests, spans)

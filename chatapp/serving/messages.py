@@ -8,6 +8,9 @@ Invariants:
   conversation's own) and requires the conversation to end with a user message.
 - Trimming removes whole exchanges from the oldest end: `oldest_turn_length` is the user turn plus
   the answers after it.
+- An image detail reaches the processor only as `image_detail_kwargs`: "low" turns the processor's
+  image splitting off (one frame at the vision encoder's size), "high" keeps the processor's own
+  setting; "auto" must be resolved first (`resolve_image_detail`).
 """
 from __future__ import annotations
 
@@ -76,3 +79,23 @@ def oldest_turn_length(turns: list[dict]) -> int:
         n += 1
     return n
 
+
+
+def resolve_image_detail(requested: str, server_default: str, device_type: str) -> str:
+    """"low" or "high" for a request's image detail: its own unless "auto", else the server's default
+    unless that is "auto" too, else by device: low on a CPU (a SmolVLM image is 17 frames through the
+    vision tower at high, ~40 s on 2 cores), high on an accelerator."""
+    for detail in (requested, server_default):
+        config.IMAGE_DETAIL.check(detail)  # ParameterError naming the choices
+        if detail != "auto":
+            return detail
+    return "low" if device_type == "cpu" else "high"
+
+
+def image_detail_kwargs(processor, detail: str) -> dict:
+    """The processor call's arguments for a resolved image detail: Idefics3's `do_image_splitting`
+    off for low. A processor that never splits images (no such setting) sees both details alike."""
+    if detail not in ("low", "high"):
+        raise ParameterError(f"image detail must be resolved to low or high before processing, got {detail!r}")
+    splits = hasattr(getattr(processor, "image_processor", None), "do_image_splitting")
+    return {"do_image_splitting": False} if detail == "low" and splits else {}

@@ -136,6 +136,7 @@ class ReplyMeta:
     trimmed_messages: int
     finish_reason: str  # "stop" (end of utterance), "length" (max_new_tokens) or "stopped" (stop signal)
     stop_requested_at_token: int | None = None
+    images: int = 0  # images in the prompt as sent (after trimming), each seen at params["image_detail"]
 
     def as_dict(self) -> dict:
         return asdict(self)

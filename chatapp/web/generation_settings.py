@@ -16,8 +16,11 @@ from chatapp.core import config
 
 def widget(param: config.GenerationParam):
     """A slider for a number with a default, a one-line box for an optional number (empty = unset),
-    a text box for text."""
+    radio buttons for a choice, a text box for text."""
     elem_id = param.name.replace("_", "-")
+    if param.choices:
+        return gr.Radio(list(param.choices), value=param.default, label=f"{param.label} ({param.note})",
+                        elem_id=elem_id)
     if param.kind is str:
         return gr.Textbox(label=param.label, value=param.default, max_length=param.high, elem_id=elem_id)
     if param.optional:
