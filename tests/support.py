@@ -36,11 +36,14 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
-def start_server(data: Path, args=("--no-trainer",), **env) -> tuple[subprocess.Popen, str]:
+def start_server(data: Path, args=("--no-trainer",), log_path: Path | None = None,
+                 **env) -> tuple[subprocess.Popen, str]:
     """The real app (`python app.py`) in its own process, by default without the background trainer
-    (the live-loop tests start it with their own options); returns the process and its URL."""
+    (the live-loop tests start it with their own options); returns the process and its URL. Its log
+    goes to `log_path`, by default `server.log` in the data dir."""
     port = free_port()
-    with open(data / "server.log", "w") as log:  # the child keeps its own copy of the descriptor
+    log_path = log_path or data / "server.log"
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--data-dir", str(data), *args],
                                 cwd=ROOT, env=subprocess_env(HF_HUB_OFFLINE="1", **env), stdout=log,
                                 stderr=subprocess.STDOUT)
@@ -55,7 +58,7 @@ def start_server(data: Path, args=("--no-trainer",), **env) -> tuple[subprocess.
                 break
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("server did not start: " + (data / "server.log").read_text())
+    raise RuntimeError("server did not start: " + log_path.read_text())
 
 
 def stop_server(proc: subprocess.Popen) -> None:

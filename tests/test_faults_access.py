@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+import fault_figures
 from chatapp.demo import shapes
 from chatapp.feedback.store import Store
 from chatapp.web.users import (MAX_FAILED_LOGINS, MAX_FAILED_LOGINS_PER_ADDRESS, MAX_THROTTLE_KEYS, LOGIN_WINDOW_S,
@@ -212,6 +213,7 @@ def test_a_stored_image_reaches_its_owner_and_admins_only(app):
         for client in (alice, bob, root):
             assert client.get(f"/gradio_api/file={image_path}").status_code == 403
         assert anonymous.get(f"/gradio_api/file={image_path}").status_code in (401, 403)
+    fault_figures.record("access", image_requests=15, image_leaks=0)
 
 
 @pytest.mark.browser
@@ -248,6 +250,7 @@ def test_nobody_can_lock_out_another_address(app):
     # ... while the admin, elsewhere, logs in (before: locked out by name for everyone)
     with session(url, "root") as root:
         assert root.get("/gradio_api/login_check").status_code == 200
+    fault_figures.record("access", attacker_lockouts_of_others=0)
 
 
 @pytest.mark.slow
@@ -270,3 +273,4 @@ def test_sessions_end_with_their_user_and_the_last_user_leaves_no_admin_behind(a
         assert anonymous.get("/config").status_code == 401
         assert anonymous.get(route).status_code == 401
         assert anonymous.post("/login", data={"username": "local", "password": ""}).status_code in (400, 422)
+    fault_figures.record("access", sessions_left_after_user_change=0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+import fault_figures
 from chatapp.core.config import validate_generation
 from chatapp.core.errors import EngineError, RequestError
 from chatapp.feedback.store import Store
@@ -94,6 +95,7 @@ def test_an_adapter_peft_cannot_load_never_breaks_chat(adapters, tmp_path):
     registry.activate(registry.publish(good, metadata(fingerprint)), base_fingerprint=fingerprint)
     assert follower.check() == "v3"
     assert list(service.chat(LOCAL, "", "What can you do?", [], GREEDY))[-1].adapter == "v3"
+    fault_figures.record("adapters", chats_with_a_broken_active_version=3, broken_chats=0)
 
 
 def test_a_server_whose_active_adapter_cannot_load_still_starts(adapters, tmp_path):
@@ -123,3 +125,4 @@ def test_activate_refuses_an_adapter_trained_on_another_base(adapters, tmp_path,
         admin.activate(LOCAL, other)
     assert registry.active() == "v1"
     assert admin.activate(LOCAL, "v1") == {"active": "v1"}
+    fault_figures.record("adapters", foreign_base_activations=0)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import fault_figures
 from chatapp.core import config
 from chatapp.core.config import ParameterError, validate_generation
 from chatapp.demo import shapes
@@ -72,6 +73,7 @@ def test_an_empty_answer_never_blocks_its_conversation(engine, tmp_path):
     prompt = store.context(follow_up.message_id)["prompt"]
     assert [m["role"] for m in prompt] == ["user", "assistant", "user"]
     assert prompt[1]["content"] == [{"type": "text", "text": ""}]
+    fault_figures.record("chat", empty_answers_blocking=0)
 
 
 def test_a_refused_request_stores_nothing(engine, tmp_path, image_file):
@@ -97,6 +99,7 @@ def test_a_refused_request_stores_nothing(engine, tmp_path, image_file):
         assert rows(store) == before  # the leaf and updated_at are as they were, too
     # the conversation goes on as before
     assert list(service.chat(LOCAL, answer.conversation_id, "What shape?", [], GREEDY))[-1].done
+    fault_figures.record("chat", refused_requests=5, rows_stored_by_refused=0)
 
 
 def test_a_full_conversation_is_refused_without_storing(engine, tmp_path, monkeypatch):
@@ -199,5 +202,6 @@ def test_kill_9_mid_answer_keeps_the_message_and_the_partial_answer(tmp_path, sl
         follow_up = client.predict(conversation_id=str(conversations[0]["id"]), text="And the colors?",
                                    temperature=0, max_new_tokens=4, api_name="/chat")
         assert follow_up["done"] and follow_up["message_id"]
+        fault_figures.record("chat", kill9_answer_chars_kept=len(answer["text"]))
     finally:
         stop_server(proc)

@@ -17,6 +17,7 @@ import time
 import pytest
 from PIL import Image, PngImagePlugin
 
+import fault_figures
 from chatapp.core import config
 from chatapp.core.errors import RequestError
 from chatapp.feedback import store_base
@@ -29,9 +30,9 @@ from support import start_server, stop_server
 PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22", "root": "root-secret-333"}
 INF, NAN = float("inf"), float("nan")
 CHAT_PARAMS = ("conversation_id", "text", "image", "temperature", "top_k", "top_p", "max_new_tokens", "seed",
-               "system_prompt")
+               "image_detail", "system_prompt")
 CHAT_DEFAULTS = dict(conversation_id="", text="What color is the circle?", image=None, temperature=0, top_k=50,
-                     top_p=1.0, max_new_tokens=16, seed=None, system_prompt="")
+                     top_p=1.0, max_new_tokens=16, seed=None, image_detail="auto", system_prompt="")
 INTERNALS = ("Traceback", "Errno", "object at 0x", "/tmp", "/work", "/root", "/home", "sqlite", "NoneType",
              "has no attribute", "not iterable", "codec")
 
@@ -211,6 +212,11 @@ def check_refused(app, who, answer, case, build, fragments):
     assert snapshot(data) == before, f"{case}: something was stored"
     kind, mine = who.call("conversations", [])  # the server keeps answering
     assert kind == "complete" and isinstance(mine, list)
+    REFUSED.append(case)
+    fault_figures.record("bad input", cases=len(BAD) + len(ADMIN_BAD), refused=len(REFUSED))
+
+
+REFUSED: list[str] = []  # the cases refused clearly with nothing stored, for the fault suite's summary
 
 
 @pytest.mark.slow

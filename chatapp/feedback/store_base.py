@@ -6,13 +6,21 @@ Invariants:
   one `BEGIN IMMEDIATE` transaction taken under a process-wide lock (`write()`), so writes from
   the web threads are serialised here and writes from other processes wait for the file lock.
   A crash at any point leaves every committed unit of work and none of the uncommitted ones.
+- A unit of work waits at most BUSY_TIMEOUT_S in all for its turn, behind this process's other
+  writers and another process's transaction together (the lock and SQLite's busy handler share one
+  deadline), then raises `StoreBusy`; queued writers never add up their waits.
+- A connection opened while the database file could not be written (SQLite then opens it read-only,
+  silently) is replaced at the next unit of work, so writes resume once the data dir is writable again.
 - The schema comes only from `migrations.py`; opening a store applies the migrations it lacks.
-- Opening a store removes the temp files that image writes which died left in `images/`.
+- Opening a store removes the temp files that image writes which died left in `images/`, and
+  fails at once with `StorageError` (a clear message, nothing written) when the data dir cannot be
+  written: read-only, full, or not ours.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -55,6 +63,36 @@ def sweep_stale_temp_files(folder: Path, older_than_s: float = config.STALE_TEMP
     return removed
 
 
+class StorageError(PermissionError):
+    """The data dir cannot be written (read-only, full, not ours): the message names it and why."""
+
+
+def check_writable(folder: Path) -> None:
+    """Create and remove a small file in `folder`, or raise StorageError saying why that failed."""
+    probe = folder / f"{TMP_PREFIX}probe-{secrets.token_hex(4)}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as error:
+        raise StorageError(f"the data dir {folder} cannot be written ({error.strerror or error}): chatapp keeps "
+                           f"its database there; make it writable (or free space) and start again") from None
+
+
+def _primary_code(error: sqlite3.Error) -> int:
+    """SQLite's primary result code (SQLITE_BUSY, SQLITE_FULL, ...) of an error, extended or not."""
+    return (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+
+
+class StoreBusy(sqlite3.OperationalError):
+    """A write waited BUSY_TIMEOUT_S for the database (another process's transaction held it): nothing
+    was written. The message keeps SQLite's own words ("database is locked")."""
+
+
 _WRITE_LOCKS: dict[Path, threading.RLock] = {}
 _WRITE_LOCKS_GUARD = threading.Lock()
 
@@ -68,7 +106,7 @@ def _write_lock_for(path: Path) -> threading.RLock:
 class StoreBase:
     def __init__(self, data_dir: str | os.PathLike):
         self.data_dir = Path(data_dir).resolve()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(self.data_dir)
         (self.data_dir / IMAGES_DIR).mkdir(exist_ok=True)
         sweep_stale_temp_files(self.data_dir / IMAGES_DIR)
         self.path = self.data_dir / DB_NAME
@@ -87,18 +125,34 @@ class StoreBase:
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across process crashes
             conn.execute("PRAGMA foreign_keys = ON")
             db = self._local.db = Database(conn, execute_plugins=False)
+            self._local.read_only = not os.access(self.path, os.W_OK)
         return db
 
     @contextlib.contextmanager
     def write(self):
         """One unit of work: everything inside commits together or not at all."""
-        with self._write_lock:
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        if not self._write_lock.acquire(timeout=BUSY_TIMEOUT_S):
+            raise StoreBusy(f"database is locked: this process's other writes held it for {BUSY_TIMEOUT_S} s")
+        try:
+            current = getattr(self._local, "db", None)
+            if current is not None and self._local.read_only and not current.conn.in_transaction:
+                self.close()  # opened read-only: a new connection can write if the file can be written now
             db = self.db
             if db.conn.in_transaction:  # nested unit of work: part of the outer one
                 with db.atomic():
                     yield db
                 return
-            db.conn.execute("BEGIN IMMEDIATE")
+            left_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            db.conn.execute(f"PRAGMA busy_timeout = {left_ms}")
+            try:
+                db.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as error:
+                if _primary_code(error) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise StoreBusy(f"database is locked: waited {BUSY_TIMEOUT_S} s for another process's write") from error
+                raise
+            finally:
+                db.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
             try:
                 yield db
             except BaseException:
@@ -111,6 +165,8 @@ class StoreBase:
                     # a failed COMMIT (disk full, deferred constraint) leaves the transaction open
                     db.rollback()
                     raise
+        finally:
+            self._write_lock.release()
 
     def query(self, sql: str, params=()) -> list[dict]:
         return list(self.db.query(sql, params))
