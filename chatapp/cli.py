@@ -29,6 +29,23 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["4bit", "8bit"], help="bitsandbytes loading (CUDA only)")
 
 
+def _backend_args(parser: argparse.ArgumentParser) -> None:
+    """Where replies come from: this process (default) or an OpenAI-compatible server (docs/architecture.md)."""
+    group = parser.add_argument_group("backend", "where replies are generated (README: Scaling out)")
+    group.add_argument("--backend", choices=["inprocess", "openai"], default="inprocess",
+                       help="inprocess: the model runs here (default); openai: an OpenAI-compatible server "
+                            "(vLLM, transformers serve) at --backend-url")
+    group.add_argument("--backend-url", help="the server's API root, e.g. http://127.0.0.1:8000/v1")
+    group.add_argument("--backend-model", help="the base model's name on the server (default: what it lists "
+                       "first; for transformers serve, the --model folder)")
+    group.add_argument("--backend-api-key-env", metavar="VAR", help="environment variable holding the API key")
+    group.add_argument("--backend-path-map", action="append", default=[], metavar="LOCAL=REMOTE",
+                       help="where the server sees a local folder (adapters, the model); repeatable")
+    group.add_argument("--backend-engine", choices=["vllm", "transformers", "generic"],
+                       help="the server's kind (default: detected)")
+    group.add_argument("--backend-timeout", type=float, help="seconds to wait for the server (default 300)")
+
+
 def _watch_args(parser: argparse.ArgumentParser) -> None:
     """serve's background trainer: when it trains (the rest of `train`'s flags go in --trainer-args)."""
     add_flags(parser.add_argument_group("background trainer"), WatchSettings, only=("train_after", "train_every_s"))
@@ -67,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trainer-args", default="",
                        help="extra `train` options for the background trainer, e.g. \"--max-steps 50 --prompts 300\"")
     _adapter_args(serve)
+    _backend_args(serve)
+    serve.add_argument("--image-detail", default=config.IMAGE_DETAIL.default,
+                       help="what a request's image_detail 'auto' means here: "
+                            f"{config.IMAGE_DETAIL.describe()}")
 
     train = sub.add_parser("train", help="turn the collected feedback into a LoRA adapter (gated, versioned)",
                            description="Train a LoRA adapter on the feedback in the store, evaluate it against the "

@@ -1,4 +1,5 @@
-"""Load an image-text-to-text model and stream its replies.
+"""Load an image-text-to-text model and stream its replies: the in-process backend (`backend.ChatBackend`;
+`openai_backend` is the other one).
 
 Invariants:
 - Never imports gradio. The web layer and the CLI call `Engine.stream()`; both get the same
@@ -20,10 +21,14 @@ Invariants:
   later without waiting for the one streaming now (hot-swap), and never fails a request: a followed
   version peft cannot load is tried once, recorded in `adapter_errors`, and the engine keeps answering
   from the last default version that loaded.
+- Images are seen at one detail per reply (`resolved`): the request's, else the server's default
+  (`self.image_detail`, `serve --image-detail`), else low on a CPU and high on an accelerator; the
+  reply's metadata records the resolved value, and the serving cache keys image features on it.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 import threading
 import time
@@ -34,14 +39,13 @@ from typing import Iterator
 from chatapp.core import config
 from chatapp.core.config import GenerationParams, ParameterError
 from chatapp.core.errors import EngineError, ModelLoadError  # noqa: F401 (re-exported)
+from chatapp.serving.backend import AdapterLoadError  # noqa: F401 (re-exported: peft refused a version)
 from chatapp.serving.cache import ServingCache, plan as plan_cached
 from chatapp.serving.loading import load_model
-from chatapp.serving.messages import normalize_messages, oldest_turn_length, split_system
+from chatapp.serving.messages import (image_detail_kwargs, normalize_messages, oldest_turn_length,
+                                      resolve_image_detail, split_system)
 from chatapp.serving.streaming import (IncrementalDecoder, Reply, ReplyMeta, StopSignal, StreamEvent, TokenQueue,
                                        seed_sampling)
-
-class AdapterLoadError(EngineError):
-    """peft could not load an adapter version that passed the registry's checks."""
 
 
 MAX_LOADED_ADAPTERS = 8  # LoRA weights kept in memory for A/B and quick switches; the oldest go first
@@ -78,6 +82,7 @@ class Engine:
             self._eos_ids.add(end_of_utterance)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self._eos_ids), 0)
         self.cache = ServingCache(config.SERVING_CACHE_BYTES)  # None: every reply computes its whole prompt
+        self.image_detail = config.IMAGE_DETAIL.default  # what a request's "auto" means here ("auto": by device)
         self._prompt_images: list = []  # the images of the prompt prepare() built last, in order
 
     @property
@@ -183,7 +188,12 @@ class Engine:
 
     # ------------------------------------------------------------ prompt
 
-    def _encode(self, system: list[dict], turns: list[dict]):
+    def resolved(self, params: GenerationParams) -> GenerationParams:
+        """`params` with the image detail resolved to low or high (see the module's invariants)."""
+        detail = resolve_image_detail(params.image_detail, self.image_detail, self.model.device.type)
+        return params if detail == params.image_detail else dataclasses.replace(params, image_detail=detail)
+
+    def _encode(self, system: list[dict], turns: list[dict], image_detail: str = "high"):
         messages = system + turns
         template = [{"role": m["role"], "content": [{"type": "image"} if p["type"] == "image" else p
                                                     for p in m["content"]]} for m in messages]
@@ -191,6 +201,8 @@ class Engine:
         prompt = self.processor.apply_chat_template(template, add_generation_prompt=True)
         kwargs = {"images": [images]} if images else {}
         self._prompt_images = images
+        if images:
+            kwargs.update(image_detail_kwargs(self.processor, image_detail))
         return self.processor(text=[prompt], return_tensors="pt", **kwargs)
 
     def prepare(self, messages: list[dict], params: GenerationParams, system_prompt: str | None = None):
@@ -202,7 +214,7 @@ class Engine:
         budget = self.max_context_tokens - reserve
         dropped = 0
         while True:
-            inputs = self._encode(system, turns)
+            inputs = self._encode(system, turns, self.resolved(params).image_detail)
             length = inputs["input_ids"].shape[1]
             if length <= budget:
                 return inputs, dropped, min(params.max_new_tokens, self.max_context_tokens - length)
@@ -223,7 +235,7 @@ class Engine:
         `adapter`: the version to answer from (None = the base); by default the engine's current one,
         read when the generation starts. `generate_overrides` adds raw `generate()` arguments
         (benchmarks use it to fix the length)."""
-        params = params or GenerationParams()
+        params = self.resolved(params or GenerationParams())
         stop = stop or StopSignal()
         with self._lock:
             started = time.perf_counter()
@@ -247,6 +259,7 @@ class Engine:
                     if "pixel_values" in inputs:
                         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
                     prepared["prompt_tokens"] = int(inputs["input_ids"].shape[1])
+                    prepared["images"] = len(self._prompt_images)
                     kwargs = dict(inputs, **config.sampling_kwargs(params), streamer=streamer,
                                   stopping_criteria=[stop], pad_token_id=self._pad_id)
                     kwargs["max_new_tokens"] = max_new_tokens
@@ -259,7 +272,8 @@ class Engine:
                         # it was loaded from) computed before.
                         weights = (version, str(self._paths.get(version)) if version is not None else None)
                         cached = self.cache is not None and plan_cached(self.cache, self.model, self.processor, inputs,
-                                                                        self._prompt_images, weights)
+                                                                        self._prompt_images, weights,
+                                                                        image_detail=params.image_detail)
                         if cached:
                             kwargs = {k: v for k, v in kwargs.items() if k not in inputs} | cached.kwargs
                         output = self.model.generate(**kwargs)
@@ -306,7 +320,7 @@ class Engine:
                 time_to_first_token_s=(first_at - started) if first_at else None,
                 tokens_per_s=((count - 1) / decode_s) if count > 1 and decode_s > 0 else None,
                 total_s=ended - started, trimmed_messages=prepared["dropped"], finish_reason=finish,
-                stop_requested_at_token=stop.requested_at_token,
+                stop_requested_at_token=stop.requested_at_token, images=prepared.get("images", 0),
             )
         yield StreamEvent(delta="", text=text.rstrip(), tokens=count, done=True, meta=meta)
 

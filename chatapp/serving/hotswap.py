@@ -12,7 +12,10 @@ Invariants:
   it had, and records why in `Engine.adapter_errors`, which the next check reports here. The
   follower itself never dies of an error.
 - Reading the pointer is the only I/O; the weights are loaded by the first generation that uses
-  the new version, under the engine's generation lock.
+  the new version, under the engine's generation lock. A model-server backend (`openai_backend`)
+  loads the version into the server inside `follow()` and switches only once it is there; when it
+  cannot, the chat stays on its version and `last_error` says why (a passing failure, such as the
+  server being down, is tried again at a later check).
 """
 from __future__ import annotations
 
@@ -73,6 +76,13 @@ class ActiveFollower:
             return self.engine.adapter
         was = self.engine.adapter
         self.engine.follow(wanted, path)
+        if self.engine.adapter != wanted:  # a model server that could not load it (openai_backend): no switch
+            reason = (self.engine.adapter_errors.get(wanted) or getattr(self.engine, "load_failures", {}).get(wanted)
+                      or "it could not be loaded")
+            if wanted in self.engine.adapter_errors:
+                self._refused = wanted
+            self._note(f"not serving adapter {wanted}: {reason}; still answering with {was or 'the base model'}")
+            return was
         self.switches.append({"at": time.time(), "from": was, "to": wanted})
         self.last_error = None
         self.log(f"chatapp: now answering with adapter {wanted or 'none (base model)'} (was {was or 'base'})")

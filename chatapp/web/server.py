@@ -10,6 +10,9 @@ Invariants:
 - The model is loaded once, before the port opens; a model the user named that cannot be loaded
   stops the start with a clear error (status 2), the default model falls back to the demo one
   with a notice on stderr and in the page.
+- With `--backend openai` replies come from a model server (serving/openai_backend.py; `--model` names
+  the local copy of its base, for fingerprints and training); a server that is down at start is a
+  warning, not a failed start: each message says so until it is back.
 - Unless `--adapter` pins a version, the server follows the registry's active pointer (`hotswap`),
   and unless `--no-trainer`, a background trainer runs beside it in its own process (`watcher`),
   training the same model the server serves.
@@ -39,8 +42,11 @@ def serve(args) -> int:
     if users.enabled:
         users.keep_logins_on()
     store = Store(data)
-    loaded = load_for_serving(config.requested_model(args.model), device=args.device, dtype=args.dtype,
-                              quantization=args.quantize)
+    if getattr(args, "backend", "inprocess") == "openai":
+        loaded = openai_backend(args, data)
+    else:
+        loaded = load_for_serving(config.requested_model(args.model), device=args.device, dtype=args.dtype,
+                                  quantization=args.quantize)
     if loaded.notice:
         print(f"notice: {loaded.notice}", file=sys.stderr)
     from chatapp.learning.fingerprint import base_fingerprint
@@ -50,6 +56,7 @@ def serve(args) -> int:
     from chatapp.learning.watcher import TrainerSupervisor
 
     engine = loaded.engine
+    engine.image_detail = config.IMAGE_DETAIL.check(args.image_detail)  # what a request's "auto" means here
     registry = Registry.for_data_dir(data)
     version = activate_adapter(engine, data, args.adapter)
     print(f"chatapp: answering with adapter {version or 'none (base model)'}", file=sys.stderr)
@@ -67,6 +74,8 @@ def serve(args) -> int:
         supervisor = TrainerSupervisor(data, engine.model_id, watch_args + shlex.split(args.trainer_args)).start()
         atexit.register(supervisor.stop)
     service = ChatService(engine, store, registry)
+    if hasattr(engine, "keep_loaded"):  # a model server keeps the A/B candidate loaded
+        engine.keep_loaded = lambda: {(service.ab.running() or {}).get("candidate")} - {None}
     app = build_app(service, users, loaded.notice, AdminService(service, registry, supervisor, follower))
     logins = "logins on" if users.enabled else "single local user, no login"
     print(f"chatapp: serving {loaded.engine.model_id} on http://{args.host}:{args.port} "
@@ -78,3 +87,24 @@ def serve(args) -> int:
         auth_message="Log in with the name and password an admin gave you." if users.enabled else None,
         blocked_paths=[str(data / IMAGES_DIR)], app_kwargs=access.app_kwargs(service, users))
     return 0
+
+
+def openai_backend(args, data):
+    """The `openai` backend (serving/openai_backend.py) from serve's --backend-* flags. `--model` names the
+    local copy of the same base (default: the demo model): adapters are fingerprinted and trained on it."""
+    from chatapp.core.errors import EngineError
+    from chatapp.serving.engine import LoadResult
+    from chatapp.serving.openai_backend import OpenAIBackend
+
+    if not args.backend_url:
+        raise EngineError("--backend openai needs --backend-url, e.g. http://127.0.0.1:8000/v1")
+    backend = OpenAIBackend(args.backend_url, local_model=config.requested_model(args.model) or config.DEMO_MODEL_NAME,
+                            backend_model=args.backend_model, api_key_env=args.backend_api_key_env,
+                            path_map=args.backend_path_map, stage_dir=data / "backend-models",
+                            timeout_s=args.backend_timeout, engine=args.backend_engine)
+    try:
+        print(f"chatapp: generating with {backend.engine()} at {args.backend_url} (model "
+              f"{backend.served_model()})", file=sys.stderr)
+    except EngineError as error:  # the chat says so too, per message, until the server is back
+        print(f"warning: {error}", file=sys.stderr)
+    return LoadResult(backend, None)
