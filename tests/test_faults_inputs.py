@@ -149,9 +149,9 @@ BAD = [  # (case, (endpoint, data builder), fragments every message must hold)
     ("a forged file path marked as a file", chat(image={"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}),
      None),
     ("another user's stored image by path", ("chat", lambda ids, data: [
-        "", "What is this?", stored_image(ids, data), 0, 50, 1.0, 16, None, ""]), ["uploaded"]),
+        "", "What is this?", stored_image(ids, data), 0, 50, 1.0, 16, None, "auto", ""]), ["uploaded"]),
     ("a path to the users file", ("chat", lambda ids, data: [
-        "", "hi", {"path": str(data / "users.json")}, 0, 50, 1.0, 16, None, ""]), ["uploaded"]),
+        "", "hi", {"path": str(data / "users.json")}, 0, 50, 1.0, 16, None, "auto", ""]), ["uploaded"]),
     ("a path with ../ out of the upload folder", chat(image={"path": "/tmp/gradio/../../etc/hostname"}), ["uploaded"]),
     ("a number as the image", chat(image=5), ["uploaded"]),
     ("a message id of 2**70", vote(message_id=2**70), ["too large"]),
@@ -166,8 +166,8 @@ BAD = [  # (case, (endpoint, data builder), fragments every message must hold)
     ("a comment with a lone surrogate", vote(comment="ok \ud83d"), ["surrogate"]),
     ("a vote as a list", vote(vote=["up"]), ["vote must be one of"]),
     ("no vote", vote(vote=None), ["vote must be one of"]),
-    ("regenerate message 'abc'", endpoint("regenerate", "abc", 0, 50, 1.0, 16, None), ["must be a number"]),
-    ("regenerate with seed Infinity", endpoint("regenerate", "answer", 0, 50, 1.0, 16, INF), ["seed"]),
+    ("regenerate message 'abc'", endpoint("regenerate", "abc", 0, 50, 1.0, 16, None, "auto"), ["must be a number"]),
+    ("regenerate with seed Infinity", endpoint("regenerate", "answer", 0, 50, 1.0, 16, INF, "auto"), ["seed"]),
     ("prefer message 2**64", endpoint("prefer", 2**64), ["too large"]),
     ("compare pick of comparison 2**70", endpoint("compare_pick", 2**70, "a"), ["too large"]),
     ("conversation -Infinity", endpoint("conversation", -INF), ["whole number"]),

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow  # a server with its background trainer, and train
 
 TRAIN_AFTER = 200
 SEEDED_VOTES = 195
-TRAINER_ARGS = "--prompts 150 --best-of 4 --rs-rounds 1 --retry-after 1 --poll 0.5"
+TRAINER_ARGS = "--prompts 150 --best-of 4 --rs-rounds 1 --retry-after 1 --poll 0.5 --quiet-for 2"
 RUN_TIMEOUT_S = 420
 
 

@@ -49,7 +49,7 @@ def test_send_streams_stores_and_renders(page, image_file):
     page.build("demo")  # creates the components the handlers update
     request = gr.Request(username=None)
     updates = _run(page.send({"text": "What color is the circle?", "files": [str(image_file)]}, PageState(),
-                             0, 50, 1.0, 64, "", "", False, request))
+                             0, 50, 1.0, 64, "", "auto", "", False, request))
     assert len(updates) >= 3  # the user's turn shown, streamed text, the final rebuild
     final = updates[-1]
     state = final[page.state]
@@ -72,9 +72,9 @@ def test_send_refuses_bad_input_and_stores_nothing(page, image_file, upload_dir)
              ({"text": "hi", "files": [str(fake)]}, "fake.png")]
     for message, error in cases:
         with pytest.raises(gr.Error, match=error):
-            _run(page.send(message, PageState(), 0, 50, 1.0, 64, "", "", False, request))
+            _run(page.send(message, PageState(), 0, 50, 1.0, 64, "", "auto", "", False, request))
     with pytest.raises(gr.Error, match="temperature"):
-        _run(page.send({"text": "hi", "files": []}, PageState(), 9, 50, 1.0, 64, "", "", False, request))
+        _run(page.send({"text": "hi", "files": []}, PageState(), 9, 50, 1.0, 64, "", "auto", "", False, request))
     assert page.service.store.feedback_stats()["messages"] == 0
 
 

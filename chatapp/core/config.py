@@ -1,8 +1,8 @@
 """Settings and limits, in one place.
 
 Invariants:
-- Each generation input (the sampling parameters and the system prompt) is declared once, as a
-  `GenerationParam` here: its type, default, bounds and label. `validate_generation()` (the only
+- Each generation input (the sampling parameters, the image detail and the system prompt) is declared
+  once, as a `GenerationParam` here: its type, default, bounds and label. `validate_generation()` (the only
   place sampling values are checked; the engine, the CLI and the web layer all call it),
   `GenerationParams`, the `ask` flags, the page's settings widgets and the API endpoints'
   parameters are all derived from these specs.
@@ -43,6 +43,7 @@ class GenerationParam:
     step: float = 1  # of the page's slider
     slider_high: float | None = None  # where the page's slider stops when the full range is too long to drag
     web: bool = True  # the page and the API offer it, not only the CLI
+    choices: tuple[str, ...] = ()  # a text input that must be one of these (bounds unused)
 
     @property
     def optional(self) -> bool:
@@ -55,7 +56,8 @@ class GenerationParam:
     def describe(self, default=...) -> str:
         """Bounds, special value and default in one line (CLI help, API docs); `default` overrides ours."""
         default = self.default if default is ... else default
-        bounds = f"at most {self.high} characters" if self.kind is str else f"{self.low} to {self.high}"
+        bounds = (f"one of {', '.join(self.choices)}" if self.choices else
+                  f"at most {self.high} characters" if self.kind is str else f"{self.low} to {self.high}")
         return "; ".join(bit for bit in (bounds, self.note, "" if default in (None, "") else f"default {default}")
                          if bit)
 
@@ -63,6 +65,10 @@ class GenerationParam:
         """A sampling value as `kind` within bounds, else ParameterError naming the input, bounds and value."""
         if self.optional and (value is None or value == ""):
             return None
+        if self.choices:
+            if not isinstance(value, str) or value not in self.choices:
+                raise ParameterError(f"{self.name} must be one of {', '.join(self.choices)}, got {_shown(value)}")
+            return value
         return _number(self.name, value, self.kind, self.low, self.high)
 
 
@@ -74,7 +80,16 @@ MAX_NEW_TOKENS = GenerationParam("max_new_tokens", int, 256, 1, 2048, "Max new t
 REPETITION_PENALTY = GenerationParam("repetition_penalty", float, 1.0, 1.0, 2.0, "Repetition penalty", "1 = off",
                                      web=False)
 SEED = GenerationParam("seed", int, None, 0, 2**32 - 1, "Seed", "empty = random")
-SAMPLING_PARAMS = (TEMPERATURE, TOP_K, TOP_P, MAX_NEW_TOKENS, REPETITION_PENALTY, SEED)  # GenerationParams' order
+# How finely images are seen (OpenAI's `detail`): low = one frame at the vision encoder's own size (64 tokens
+# for SmolVLM), high = the processor's full splitting (SmolVLM: 4x4 frames plus a global one, 1,088 tokens),
+# auto = the server's choice (`serve --image-detail`), else low on a CPU and high on a GPU. The engine
+# resolves auto; the generation record stores what was used, since training rebuilds that prompt.
+IMAGE_DETAIL = GenerationParam("image_detail", str, "auto", 0, 0, "Image detail",
+                               "low = one frame, high = full splitting, auto = low on CPU, high on GPU",
+                               choices=("low", "high", "auto"))
+IMAGE_DETAIL_BEFORE_THE_SETTING = "high"  # what a generation record without image_detail was made with
+SAMPLING_PARAMS = (TEMPERATURE, TOP_K, TOP_P, MAX_NEW_TOKENS, REPETITION_PENALTY, SEED,
+                   IMAGE_DETAIL)  # GenerationParams' order
 WEB_SAMPLING_PARAMS = tuple(param for param in SAMPLING_PARAMS if param.web)
 SYSTEM_PROMPT = GenerationParam("system_prompt", str, "", 0, 2000, "System prompt")
 # The bounds and defaults other modules name, read off the specs.

@@ -7,6 +7,8 @@ Invariants:
   (`" " + answer + "<end_of_utterance>"`-style: the chat template's rendering of the answer minus
   the rendered prompt), so a sampled answer and a voted one are scored the same way.
 - Items are batched by their number of images (a processor batch cannot mix), order is kept.
+- Images are seen at the processor's image detail, which a run sets once (`use_image_detail`) to
+  the detail its answers were generated at, for TRL's collators and these functions alike.
 """
 from __future__ import annotations
 
@@ -16,6 +18,14 @@ from typing import Callable
 import torch
 
 from chatapp.feedback.images import load_image
+from chatapp.serving.messages import image_detail_kwargs
+
+
+def use_image_detail(processor, detail: str) -> None:
+    """Make every later call of `processor` see images at `detail` ("low" or "high"), as the engine's
+    processor call did when the answers were generated (TRL's collators take no per-call arguments)."""
+    for name, value in image_detail_kwargs(processor, detail).items():
+        setattr(processor.image_processor, name, value)
 
 
 def load_images(paths: list[str]) -> list:

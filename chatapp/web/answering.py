@@ -7,6 +7,9 @@ Invariants:
   client went away) or "cut_off" (generation failed part way).
 - An answer that ends without any text is stored too; in the history it reaches the model as an empty
   assistant turn, so the next message of the conversation still follows it.
+- The generation record holds the parameters as the engine resolved them (`engine.resolved`: the
+  image detail "auto" becomes low or high) from the first save on, since training rebuilds the prompt
+  from them; the reply's footer (`reply_footer`) shows the detail when the prompt held images.
 - A request the engine refuses before any answer (the prompt does not fit the context) stores no
   answer and calls `refused()`, which discards the user message the request stored.
 - Talks to the store only through its named methods; never imports torch or gradio.
@@ -75,6 +78,7 @@ def stream_answer(engine, store, user_message: dict, messages: list[dict], param
     storing it as described above; the last event (`done`) carries the answer's id and metadata."""
     conversation_id, parent_id = user_message["conversation_id"], user_message["id"]
     answer_id, text, meta, ending, saved_at = None, "", None, "cut_off", 0.0
+    params = engine.resolved(params)
 
     def record(meta=None):
         return generation_record(engine.model_id, meta, params, system_prompt, adapter, ending)
@@ -119,4 +123,18 @@ def stream_answer(engine, store, user_message: dict, messages: list[dict], param
                     adapter=meta.adapter, side=side,
                     meta={"reply_tokens": meta.reply_tokens, "prompt_tokens": meta.prompt_tokens,
                           "tokens_per_s": meta.tokens_per_s, "finish_reason": meta.finish_reason,
-                          "trimmed_messages": meta.trimmed_messages, "seed": meta.seed})
+                          "trimmed_messages": meta.trimmed_messages, "seed": meta.seed,
+                          "image_detail": meta.params.get("image_detail"), "images": meta.images})
+
+
+def reply_footer(event: ChatEvent) -> str:
+    """The line under a finished reply: model, adapter, tokens, speed, turns left out, image detail."""
+    meta = event.meta
+    bits = [f"model `{event.model}`", f"adapter `{event.adapter or 'none'}`", f"{meta.get('reply_tokens')} tokens"]
+    if meta.get("tokens_per_s"):
+        bits.append(f"{meta['tokens_per_s']:.0f} tokens/s")
+    if meta.get("trimmed_messages"):
+        bits.append(f"{meta['trimmed_messages']} oldest messages left out to fit")
+    if meta.get("images") and meta.get("image_detail"):
+        bits.append(f"image detail {meta['image_detail']}")
+    return " · ".join(bits)

@@ -8,7 +8,9 @@ Invariants:
   message (`gr.Error`), and the server keeps serving.
 - Nothing internal reaches a user: an error that is not one of `USER_ERRORS` (a bug, a full disk)
   is logged with its traceback and an incident number, and the user gets a generic message with
-  that number; a database that stays locked past the store's timeout reads "busy, try again".
+  that number; a database that stays locked past the store's timeout reads "busy, try again", a
+  full disk and a read-only data dir each read as what they are (`storage_message`; the details go
+  to the log). None of these leaves half a write behind: each store write is one transaction.
 - An uploaded file is accepted only from Gradio's upload folder: a path typed into a request (a
   server file, another user's image) is refused without saying whether it exists.
 - The generation endpoints' sampling and system-prompt parameters (names, types, defaults, docs)
@@ -18,6 +20,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import errno
 import functools
 import html
 import inspect
@@ -41,7 +44,29 @@ from chatapp.web.users import UserError, Users
 
 USER_ERRORS = (RequestError, AccessDenied, ParameterError, ImageError, EngineError, UserError)
 BUSY_MESSAGE = "the server is busy saving other work; nothing was changed, try again in a moment"
+DISK_FULL_MESSAGE = "the server's disk is full, so this could not be saved; nothing was changed, try again later"
+READ_ONLY_MESSAGE = ("the server cannot write to its data folder (it is read-only or unavailable), so this could "
+                     "not be saved; nothing was changed, try again later")
 log = logging.getLogger("chatapp.web")
+
+
+def storage_message(error: Exception) -> str | None:
+    """The message for a store that cannot take a write now (busy, full disk, read-only or unavailable
+    data dir), or None when `error` is something else."""
+    if isinstance(error, sqlite3.OperationalError):
+        code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or (code == 0 and "locked" in str(error)):
+            return BUSY_MESSAGE
+        if code == sqlite3.SQLITE_FULL:
+            return DISK_FULL_MESSAGE
+        if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR):
+            return READ_ONLY_MESSAGE
+    elif isinstance(error, OSError):
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return DISK_FULL_MESSAGE
+        if error.errno == errno.EROFS:
+            return READ_ONLY_MESSAGE
+    return None
 
 
 def user_error(error: Exception) -> gr.Error:
@@ -51,9 +76,8 @@ def user_error(error: Exception) -> gr.Error:
         return error
     if isinstance(error, USER_ERRORS):
         message = str(error)
-    elif isinstance(error, sqlite3.OperationalError) and ("locked" in str(error) or "busy" in str(error)):
-        log.warning("database busy past the timeout: %s", error)
-        message = BUSY_MESSAGE
+    elif (message := storage_message(error)) is not None:
+        log.warning("storage refused a write (%s): %s", type(error).__name__, error)
     else:
         incident = secrets.token_hex(4)
         log.error("incident %s: %s", incident, type(error).__name__, exc_info=error)

@@ -109,16 +109,18 @@ class ChatService:
         if conversation_id not in (None, "", 0):
             conversation = self._own_conversation(user, conversation_id)
         images = check_images(image_paths)
-        if conversation is None:
-            conversation_id = self.store.create_conversation(self.user_id(user), (text or "Image"), system_prompt)
-            parent_id = None
-        else:
-            conversation_id, parent_id = conversation["id"], conversation["leaf_id"]
-            leaf = self.store.message(parent_id) if parent_id is not None else None
-            if leaf is not None and leaf["role"] != "assistant":
-                # the last turn got no answer (it failed or was stopped at once): this one replaces it, as an edit
-                parent_id = leaf["parent_id"]
-        message_id = self.store.add_user_message(conversation_id, parent_id, text, images)
+        user_id = self.user_id(user)
+        with self.store.write():  # a conversation this starts and its first message arrive together, or neither
+            if conversation is None:
+                conversation_id = self.store.create_conversation(user_id, (text or "Image"), system_prompt)
+                parent_id = None
+            else:
+                conversation_id, parent_id = conversation["id"], conversation["leaf_id"]
+                leaf = self.store.message(parent_id) if parent_id is not None else None
+                if leaf is not None and leaf["role"] != "assistant":
+                    # the last turn got no answer (it failed or was stopped at once): this one replaces it, as an edit
+                    parent_id = leaf["parent_id"]
+            message_id = self.store.add_user_message(conversation_id, parent_id, text, images)
         return self.store.message(message_id), lambda: self.store.discard_user_message(message_id, conversation)
 
     def chat(self, user: User, conversation_id, text, image_paths=(), params: GenerationParams | None = None,

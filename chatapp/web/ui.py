@@ -21,6 +21,7 @@ import gradio as gr
 from chatapp.core import config
 from chatapp.web import generation_settings
 from chatapp.web.access import editable_prefix, image_html
+from chatapp.web.answering import reply_footer
 from chatapp.web.api import as_gradio_errors, caller, file_path, register
 from chatapp.web.chat import ChatService
 from chatapp.core.errors import RequestError
@@ -160,24 +161,19 @@ class ChatPage:
         chatbot, new_state, label = self._show(user, state, conversation_id)
         info = ""
         if last is not None and last.done:
-            meta = last.meta
-            speed = f" · {meta['tokens_per_s']:.0f} tokens/s" if meta.get("tokens_per_s") else ""
-            trimmed = (f" · {meta['trimmed_messages']} oldest messages left out to fit"
-                       if meta.get("trimmed_messages") else "")
-            info = (f"model `{last.model}` · adapter `{last.adapter or 'none'}` · "
-                    f"{meta.get('reply_tokens')} tokens{speed}{trimmed}")
+            info = reply_footer(last)
             if compare:
-                new_state.comparison_id = meta.get("comparison_id")
+                new_state.comparison_id = last.meta.get("comparison_id")
         yield {self.chatbot: chatbot, self.state: new_state, self.sibling_label: label, self.info: info,
                self.conversations: self._conversation_choices(user, new_state.conversation_id),
                self.textbox: gr.MultimodalTextbox(value=None, interactive=True),
                self.compare_buttons: gr.Row(visible=compare)}
 
     @as_gradio_errors
-    def send(self, message, state: PageState, temperature, top_k, top_p, max_new_tokens, seed, system_prompt,
-             compare_mode, request: gr.Request):
+    def send(self, message, state: PageState, temperature, top_k, top_p, max_new_tokens, seed, image_detail,
+             system_prompt, compare_mode, request: gr.Request):
         user = caller(self.users, request)
-        params = generation_settings.validated(temperature, top_k, top_p, max_new_tokens, seed)
+        params = generation_settings.validated(temperature, top_k, top_p, max_new_tokens, seed, image_detail)
         text, files = _message_parts(message)
         shown = render(self.service.conversation(user, state.conversation_id))[0] if state.conversation_id else []
         pending = shown + [{"role": "user", "content": {"path": f}} for f in files]
@@ -194,11 +190,12 @@ class ChatPage:
         yield from self._stream(user, state, events, pending, compare=bool(compare_mode))
 
     @as_gradio_errors
-    def regenerate(self, state: PageState, temperature, top_k, top_p, max_new_tokens, seed, request: gr.Request):
+    def regenerate(self, state: PageState, temperature, top_k, top_p, max_new_tokens, seed, image_detail,
+                   request: gr.Request):
         user = caller(self.users, request)
         if state.selected_id is None:
             raise RequestError("there is no answer to regenerate yet")
-        params = generation_settings.validated(temperature, top_k, top_p, max_new_tokens, seed)
+        params = generation_settings.validated(temperature, top_k, top_p, max_new_tokens, seed, image_detail)
         # regenerate the last answer: a new sibling of it, shown in its place
         conversation = self.service.conversation(user, state.conversation_id)
         answers = [m for m in conversation["messages"] if m["role"] == "assistant"]
@@ -208,10 +205,10 @@ class ChatPage:
 
     @as_gradio_errors
     def edit(self, edit: gr.EditData, state: PageState, temperature, top_k, top_p, max_new_tokens, seed,
-             request: gr.Request):
+             image_detail, request: gr.Request):
         user = caller(self.users, request)
         message_id = self._entry_message_id(state, edit.index)
-        params = generation_settings.validated(temperature, top_k, top_p, max_new_tokens, seed)
+        params = generation_settings.validated(temperature, top_k, top_p, max_new_tokens, seed, image_detail)
         value = edit.value
         text = value if isinstance(value, str) else (value or {}).get("text", "") if isinstance(value, dict) else str(value)
         index = edit.index[0] if isinstance(edit.index, (list, tuple)) else edit.index
