@@ -6,16 +6,26 @@ the method the data allows.
 Invariants:
 - Rows come only from `prefs` (the exporter uses the same functions); the per-user cap applies to
   the training split only, so the held-out rows stay as users gave them.
-- Prompts of held-out rated answers never reach rejection sampling: the gate's sampled check runs
-  on them.
+- The held-out split is by prompt: every row about the same image(s) (or, without images, the same
+  prompt) is on one side, the side `prefs.is_held_out` gives the group's earliest rated answer. So
+  an image asked about in several conversations never feeds training and the gate at once; where
+  each image is rated once this is exactly `prefs.split`.
+- Prompts of held-out groups never reach rejection sampling: the gate's sampled check runs on them.
 - The candidate's temperature is the one users chat at: the settings' when given, else the one the
   voted answers were sampled at (their generation records), else 1.
+- A run sees images at one detail, the one most of its image rows were asked at (their generation
+  records; a record from before the setting means "high", the processor's full splitting): the
+  trainer sets the processor to it (`modelops.use_image_detail`), so every prompt is rebuilt exactly
+  as it was generated. Image rows asked at the other detail are left out, counted in `skipped`.
 - Too little feedback for the method raises NotEnoughFeedback before anything is loaded or recorded.
 """
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass
 
+from chatapp.core import config
 from chatapp.core.errors import RequestError
 from chatapp.feedback import prefs
 from chatapp.learning.settings import METHODS, TrainSettings
@@ -35,9 +45,10 @@ class Data:
     prompts: list[dict]  # logged prompts for rejection sampling (held-out prompts excluded)
     held_prompts: list[dict]  # prompts of held-out rated answers (for the gate's sampled check)
     temperature: float  # the sampling temperature the candidate is trained and judged for
+    image_detail: str = config.IMAGE_DETAIL_BEFORE_THE_SETTING  # "low" or "high": how the run's images are seen
 
     def summary(self) -> dict:
-        return {"kto_train": len(self.kto_train), "kto_held_out": len(self.kto_held),
+        return {"image_detail": self.image_detail, "kto_train": len(self.kto_train), "kto_held_out": len(self.kto_held),
                 "dpo_train": len(self.dpo_train), "dpo_held_out": len(self.dpo_held),
                 "sft_train": len(self.sft_train), "logged_prompts": len(self.prompts), "temperature": self.temperature}
 
@@ -46,14 +57,69 @@ class Data:
         return sorted({prefs.rated_id(p) for p in self.kto_train.provenance + self.dpo_train.provenance})
 
 
+def image_detail_of(store, message_id: int) -> str:
+    """The image detail an answer was generated at ("low" or "high"), from its generation record."""
+    detail = ((store.generation(message_id) or {}).get("params") or {}).get("image_detail")
+    return detail if detail in ("low", "high") else config.IMAGE_DETAIL_BEFORE_THE_SETTING
+
+
+def _answers(provenance: dict) -> list[int]:
+    """The answers a row was built from: the rated one (KTO, SFT), both of a pair (DPO)."""
+    return [provenance[key] for key in ("message_id", "chosen_id", "rejected_id") if provenance.get(key)]
+
+
+def _at_detail(rows: prefs.Rows, detail: str, details: dict) -> prefs.Rows:
+    """`rows` without the image rows whose answers were generated at another detail."""
+    out = prefs.Rows(rows.fmt, skipped=Counter(rows.skipped))
+    for row, provenance in zip(rows.rows, rows.provenance):
+        if row["images"] and any(details[i] != detail for i in _answers(provenance)):
+            out.skipped[f"asked at another image detail than this run's ({detail})"] += 1
+            continue
+        out.rows.append(row)
+        out.provenance.append(provenance)
+    return out
+
+
+def prompt_group(row: dict) -> str:
+    """What a row is about, for the held-out split: its images' contents, else its prompt."""
+    if row["images"]:
+        return "images:" + ",".join(sorted(prefs.image_sha(path) for path in row["images"]))
+    return "prompt:" + json.dumps(row["prompt"], sort_keys=True)
+
+
+def _held_out_groups(all_rows, fraction: float) -> set[str]:
+    earliest: dict[str, int] = {}
+    for rows in all_rows:
+        for row, provenance in zip(rows.rows, rows.provenance):
+            group, rated = prompt_group(row), prefs.rated_id(provenance)
+            earliest[group] = min(rated, earliest.get(group, rated))
+    return {group for group, rated in earliest.items() if prefs.is_held_out(rated, fraction)}
+
+
+def _split(rows: prefs.Rows, held_groups: set[str]) -> tuple[prefs.Rows, prefs.Rows]:
+    train, held = prefs.Rows(rows.fmt, skipped=Counter(rows.skipped)), prefs.Rows(rows.fmt)
+    for row, provenance in zip(rows.rows, rows.provenance):
+        side = held if prompt_group(row) in held_groups else train
+        side.rows.append(row)
+        side.provenance.append(provenance)
+    return train, held
+
+
 def prepare_data(store, settings: TrainSettings) -> Data:
-    kto_train, kto_held = prefs.split(prefs.kto_rows(store), settings.held_out_fraction)
-    dpo_train, dpo_held = prefs.split(prefs.dpo_rows(store), settings.held_out_fraction)
-    sft_train, _ = prefs.split(prefs.sft_rows(store), settings.held_out_fraction)
+    built = [prefs.kto_rows(store), prefs.dpo_rows(store), prefs.sft_rows(store)]
+    details = {i: image_detail_of(store, i) for rows in built for row, provenance in zip(rows.rows, rows.provenance)
+               if row["images"] for i in _answers(provenance)}
+    votes = Counter(details.values())
+    image_detail = "low" if votes["low"] > votes["high"] else "high"
+    kto, dpo, sft = (_at_detail(rows, image_detail, details) for rows in built)
+    held_groups = _held_out_groups((kto, dpo, sft), settings.held_out_fraction)
+    (kto_train, kto_held), (dpo_train, dpo_held), (sft_train, _) = (_split(rows, held_groups) for rows in (kto, dpo, sft))
     cap = settings.max_user_share
     kto_train, dpo_train, sft_train = (prefs.cap_per_user(r, cap) for r in (kto_train, dpo_train, sft_train))
     held_ids = {prefs.rated_id(p) for p in kto_held.provenance + dpo_held.provenance}
-    prompts = prefs.logged_prompts(store, exclude_message_ids=held_ids, limit=settings.rs_prompts)
+    prompts = [p for p in prefs.logged_prompts(store, exclude_message_ids=held_ids, limit=settings.rs_prompts)
+               if (not p["images"] or image_detail_of(store, p["answer_id"]) == image_detail)
+               and prompt_group(p) not in held_groups]
     held_prompts = []
     seen = set()
     for row in kto_held.rows + dpo_held.rows:
@@ -62,22 +128,30 @@ def prepare_data(store, settings: TrainSettings) -> Data:
             seen.add(key)
             held_prompts.append({"prompt": row["prompt"], "images": row["images"]})
     temperature = settings.temperature or prefs.sampling_temperature(kto_train) or 1.0
-    return Data(kto_train, kto_held, dpo_train, dpo_held, sft_train, prompts, held_prompts, temperature)
+    return Data(kto_train, kto_held, dpo_train, dpo_held, sft_train, prompts, held_prompts, temperature,
+                image_detail)
 
 
 def choose_method(settings: TrainSettings, data: Data) -> str:
     method = settings.method
     if method not in METHODS:
         raise RequestError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    labels = {row["label"] for row in data.kto_train.rows}
     if method == "auto":
-        labels = {row["label"] for row in data.kto_train.rows}
         if len(data.kto_train) >= settings.min_rows and labels == {True, False} and data.prompts:
             method = "rs"
+        elif len(data.dpo_train) >= settings.min_pairs and data.prompts:
+            method = "rs"  # the pairs train the scorer (plain DPO on a few dozen pairs barely moved the model)
         elif len(data.dpo_train) >= settings.min_pairs:
             method = "dpo"
         else:
             method = "kto"
-    needed = {"rs": (len(data.kto_train), settings.min_rows, "thumbs"),
+    if method == "rs" and labels != {True, False} and data.kto_train and len(data.dpo_train) < settings.min_pairs:
+        raise NotEnoughFeedback(f"rs needs both thumbs up and thumbs down in the training split, or at least "
+                                f"{settings.min_pairs} preference pairs")
+    rs_needs = ((len(data.kto_train), settings.min_rows, "thumbs") if labels == {True, False}
+                else (len(data.dpo_train), settings.min_pairs, "preference pairs"))  # rejection.scorer_from_pairs
+    needed = {"rs": rs_needs,
               "kto": (len(data.kto_train), settings.min_rows, "thumbs"),
               "dpo": (len(data.dpo_train), settings.min_pairs, "preference pairs"),
               "sft": (len(data.sft_train), settings.min_rows, "liked answers")}[method]
@@ -85,7 +159,7 @@ def choose_method(settings: TrainSettings, data: Data) -> str:
     if have < need:
         raise NotEnoughFeedback(f"not enough feedback to train ({method}): {have} {what} for training "
                                 f"(after the held-out split and the per-user cap), need at least {need}")
-    if method in ("rs", "kto") and {row["label"] for row in data.kto_train.rows} != {True, False}:
+    if method == "kto" and labels != {True, False}:
         raise NotEnoughFeedback(f"{method} needs both thumbs up and thumbs down in the training split")
     return method
 

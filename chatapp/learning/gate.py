@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from scipy.stats import mannwhitneyu
+from scipy.stats import binomtest, mannwhitneyu
 
 from chatapp.learning import modelops
 
@@ -79,6 +79,20 @@ def auc_shortfall(metrics: dict, settings: "GateSettings") -> str | None:
     return None
 
 
+def pair_shortfall(metrics: dict, settings: "GateSettings") -> str | None:
+    """Why held-out pairs do not show a preference (None when they do, or when there are none): chosen
+    beats rejected no more often than `min_auc`, or as often could be chance (one-sided binomial)."""
+    value = metrics.get("pair_accuracy")
+    if value is None:
+        return None
+    if value < settings.min_auc:
+        return f"held-out pair accuracy {value:.2f} < {settings.min_auc}"
+    if metrics.get("pair_p") is not None and metrics["pair_p"] > settings.max_auc_p:
+        return (f"held-out pair accuracy {value:.2f} could be chance, p = {metrics['pair_p']:.2f} > "
+                f"{settings.max_auc_p} with {metrics['pairs']} pairs")
+    return None
+
+
 def rewards(model, processor, items: list[dict], policy: str | None) -> torch.Tensor:
     """Implicit reward of each item's completion under `policy` (an adapter name; None = base: zeros)."""
     if policy is None or not items:
@@ -113,6 +127,10 @@ def preference_metrics(model, processor, kto_rows: list[dict], dpo_rows: list[di
         rejected = [dict(c, completion=r["rejected"][0]["content"][0]["text"]) for c, r in zip(chosen, dpo_rows)]
         rc, rr = rewards(model, processor, chosen, policy), rewards(model, processor, rejected, policy)
         metrics["pair_accuracy"] = float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())
+        metrics["pairs"] = len(dpo_rows)
+        # ties count half, as in the accuracy: the binomial test on the rounded-down wins
+        wins = int(((rc > rr).sum() + 0.5 * (rc == rr).sum()).item())
+        metrics["pair_p"] = float(binomtest(wins, len(dpo_rows), 0.5, alternative="greater").pvalue)
     return metrics
 
 
@@ -200,7 +218,9 @@ def verdict(cand: dict, live_metrics: dict, settings: GateSettings, *, held_out_
             reasons.append(f"held-out AUC {cand['auc']:.2f} is not above the live policy's {live_auc:.2f}")
     if cand.get("pair_accuracy") is not None:
         live_acc = 0.5 if live_is_base else live_metrics.get("pair_accuracy")
-        if cand["pair_accuracy"] <= live_acc:
+        if cand.get("auc") is None and (shortfall := pair_shortfall(cand, settings)):
+            reasons.append(shortfall)  # pairs are the only preference evidence: they must not be chance
+        elif cand["pair_accuracy"] <= live_acc:
             reasons.append(f"held-out pair accuracy {cand['pair_accuracy']:.2f} is not above {live_acc:.2f}")
     if cand.get("auc") is None and cand.get("pair_accuracy") is None:
         reasons.append("no held-out feedback with both labels to judge preference")

@@ -1,20 +1,22 @@
-"""The `rs` recipe (the default `auto` when there are thumbs): rejection sampling.
+"""The `rs` recipe (the default `auto` when there are thumbs or pairs): rejection sampling.
 
 The votes train a KTO *scorer* (a LoRA whose implicit reward, log p_scorer - log p_base, ranks
-answers like the voters did); the policy samples `best_of` answers to each unvoted prompt users
-sent; the best answer by the scorer is kept when its reward is above the midpoint between liked and
-disliked training answers; a LoRA is trained (TRL SFT) on the kept answers. With `rs_rounds` = 2
-(the default) a second round samples from the first round's candidate, whose answers are mostly in
-the liked style already, so the kept set is purer, and trains fresh LoRAs on it for `epochs` and for
-each of `rs_extra_epochs` (8, 12); the gate publishes the best that passes. This moved the demo
-model's answer style where plain KTO/DPO on the same votes barely moved it or wrecked accuracy (see
-docs/learning.md).
+answers like the voters did; with no thumbs of both kinds, the preference pairs train it with DPO,
+whose loss is that same reward's margin); the policy samples `best_of` answers to each logged prompt
+outside the held-out split (voted or not); the best answer by the scorer is kept when its reward is
+above the midpoint between liked and disliked training answers (with fewer prompts than
+`rs_keep_rows`, several distinct answers per prompt, the best first); a LoRA is trained (TRL SFT) on
+the kept answers. With `rs_rounds` = 2 (the default) a second round samples from the first round's
+candidate, whose answers are mostly in the liked style already, so the kept set is purer, and trains
+fresh LoRAs on it for `epochs` and for each of `rs_extra_epochs` (8, 12); the gate publishes the
+best that passes. This moved the demo model's answer style where plain KTO/DPO on the same votes
+barely moved it or wrecked accuracy (see docs/learning.md).
 
 Invariants:
 - The candidates are trained for the temperature users chat at (`Data.temperature`): their SFT loss
   is taken on logits / T, and the gate samples at T.
-- A scorer that cannot rank the held-out votes (the gate's AUC bar) ends the run with NoCandidate
-  before any sampling; so does a round that keeps fewer answers than one batch.
+- A scorer that cannot rank the held-out votes (the gate's AUC bar) or pairs (`gate.pair_shortfall`)
+  ends the run with NoCandidate before any sampling; so does a round that keeps fewer answers than one batch.
 - Each round trains fresh LoRAs on that round's answers only; the model comes back with the
   "scorer" and the last round's candidates ("candidate", "candidate-eN"), the "candidate" active.
 """
@@ -44,18 +46,26 @@ def rejection_sampling(base, processor, data: Data, settings: TrainSettings, pro
     # torch and scipy come in when a run starts, not when an idle `train --watch` imports the trainer
     from chatapp.learning import gate, modelops
 
-    # 1. the scorer: KTO on the votes (reference: the base, adapters disabled)
-    progress.phase = "training the scorer (kto)"
-    desirable, undesirable = prefs.kto_weights(data.kto_train)
-    model = train_trl("kto", base, processor, data.kto_train.rows, settings, progress, DEFAULT_LR["scorer"],
-                      settings.scorer_epochs, peft_config=lora_config(settings),
-                      extra={"beta": settings.beta, "desirable_weight": desirable,
-                             "undesirable_weight": undesirable}, schedule="constant")
+    # 1. the scorer: KTO on the votes, or DPO on the pairs when there are no thumbs of both kinds
+    # (reference: the base, adapters disabled)
+    from_pairs = scorer_from_pairs(data)
+    progress.phase = f"training the scorer ({'dpo' if from_pairs else 'kto'})"
+    if from_pairs:
+        model = train_trl("dpo", base, processor, data.dpo_train.rows, settings, progress, DEFAULT_LR["scorer"],
+                          settings.scorer_epochs, peft_config=lora_config(settings), extra={"beta": settings.beta},
+                          schedule="constant")
+        train_rows = [dict(r, completion=r[side], label=side == "chosen")
+                      for r in data.dpo_train.rows for side in ("chosen", "rejected")]
+    else:
+        desirable, undesirable = prefs.kto_weights(data.kto_train)
+        model = train_trl("kto", base, processor, data.kto_train.rows, settings, progress, DEFAULT_LR["scorer"],
+                          settings.scorer_epochs, peft_config=lora_config(settings),
+                          extra={"beta": settings.beta, "desirable_weight": desirable,
+                                 "undesirable_weight": undesirable}, schedule="constant")
+        train_rows = data.kto_train.rows
     rename_adapter(model, model.active_adapter, "scorer")
     model.eval()
-    train_items = [{"prompt": r["prompt"], "images": modelops.load_images(r["images"]),
-                    "completion": r["completion"][0]["content"][0]["text"], "label": r["label"]}
-                   for r in data.kto_train.rows]
+    train_items = gate.kto_items(train_rows)
     progress.start("scoring the votes", 0)
     train_rewards = gate.rewards(model, processor, train_items, "scorer")
     liked = train_rewards[[i for i, it in enumerate(train_items) if it["label"]]]
@@ -64,9 +74,12 @@ def rejection_sampling(base, processor, data: Data, settings: TrainSettings, pro
     threshold = float(liked.mean()) if settings.keep == "liked" else midpoint
     # The gate's first check, on the scorer before any sampling: votes that do not predict held-out
     # votes (random ones) cannot make a candidate that passes it, so the run stops here, minutes early.
-    held = gate.preference_metrics(model, processor, data.kto_held.rows, [], "scorer")
-    if shortfall := gate.auc_shortfall(held, gate.GateSettings()):
-        raise NoCandidate(f"the votes do not predict each other (a scorer trained on them: {shortfall})",
+    held = gate.preference_metrics(model, processor, [] if from_pairs else data.kto_held.rows,
+                                   data.dpo_held.rows if from_pairs else [], "scorer")
+    shortfall = (gate.pair_shortfall if from_pairs else gate.auc_shortfall)(held, gate.GateSettings())
+    if shortfall:
+        what = "preferences" if from_pairs else "votes"
+        raise NoCandidate(f"the {what} do not predict each other (a scorer trained on them: {shortfall})",
                           {"scorer": held})
 
     # 2. best-of-N sampled answers on logged prompts, from the current policy; 3. the candidate: LoRA SFT
@@ -76,12 +89,14 @@ def rejection_sampling(base, processor, data: Data, settings: TrainSettings, pro
         model.load_adapter(str(live_path), adapter_name="live")
     policy = "live" if live_path and settings.start_from == "active" else None
     prompts = [{"prompt": p["prompt"], "images": modelops.load_images(p["images"])} for p in data.prompts]
-    metrics = {"rs": {"scorer_held_out_auc": held.get("auc"), "midpoint": midpoint, "liked_reward": float(liked.mean()),
+    metrics = {"rs": {"scorer_held_out_auc": held.get("auc"), "scorer_from": "pairs" if from_pairs else "thumbs",
+                      "scorer_held_out_pair_accuracy": held.get("pair_accuracy"), "midpoint": midpoint,
+                      "liked_reward": float(liked.mean()),
                       "disliked_reward": float(disliked.mean()), "prompts": len(prompts), "rounds": []}}
     for round_number in range(1, settings.rs_rounds + 1):
         of_rounds = f" (round {round_number} of {settings.rs_rounds})" if settings.rs_rounds > 1 else ""
         kept, round_metrics = _best_of_n(model, processor, prompts, data.prompts, policy, threshold, settings,
-                                         progress, of_rounds)
+                                         progress, of_rounds, extra_threshold=float(liked.mean()))
         metrics["rs"]["rounds"].append(round_metrics)
         metrics["rs"].update(samples=round_metrics["samples"], kept=round_metrics["kept"],
                              kept_examples=round_metrics["kept_examples"])
@@ -114,8 +129,14 @@ def rejection_sampling(base, processor, data: Data, settings: TrainSettings, pro
     return model, "scorer", metrics, list(trained)
 
 
+def scorer_from_pairs(data: Data) -> bool:
+    """The scorer learns from preference pairs when the training split lacks thumbs of both kinds."""
+    return {row["label"] for row in data.kto_train.rows} != {True, False}
+
+
 def _best_of_n(model, processor, prompts: list[dict], stored_prompts: list[dict], policy, threshold: float,
-               settings: TrainSettings, progress: Progress, of_rounds: str = "") -> tuple[list[dict], dict]:
+               settings: TrainSettings, progress: Progress, of_rounds: str = "",
+               extra_threshold: float = float("inf")) -> tuple[list[dict], dict]:
     """Sample `best_of` answers per prompt from adapter `policy` (None: the base), score them with the
     "scorer" adapter, and keep per prompt the best answer whose reward clears `threshold`."""
     from chatapp.learning import modelops
@@ -143,7 +164,12 @@ def _best_of_n(model, processor, prompts: list[dict], stored_prompts: list[dict]
     # Among a prompt's answers that clear the threshold, keep the one the base finds likely, nudged by the
     # reward: the largest reward alone favours rare (often wrong) answers whose base probability is tiny,
     # the base likelihood alone lets other styles through (measured: docs/learning.md, recipe table).
-    best: dict[int, tuple[float, str]] = {}
+    # With few prompts (every answer voted, no unvoted chats) one answer each is a few dozen rows: keep up
+    # to `per_prompt` distinct answers per prompt, the best first, so the candidate sees more than one
+    # wording of the liked form (docs/learning.md, the regime matrix).
+    per_prompt = min(settings.best_of, max(1, -(-settings.rs_keep_rows // max(1, len(prompts)))))
+    passing: dict[int, dict[str, float]] = {}
+    extra_ok: dict[tuple[int, str], bool] = {}
     if os.environ.get("CHATAPP_RS_DUMP"):  # experiments: every sample with its scores
         Path(os.environ["CHATAPP_RS_DUMP"]).write_text(json.dumps({"threshold": threshold, "samples": [
             [o, it["completion"], r, sl, bl] for o, it, r, sl, bl in zip(owners, flat, sample_rewards.tolist(),
@@ -151,10 +177,16 @@ def _best_of_n(model, processor, prompts: list[dict], stored_prompts: list[dict]
     ranks = {"likelihood": scorer_logps, "base": base_logps, "reward": sample_rewards,
              "mix": base_logps + settings.reward_weight * sample_rewards}[settings.select].tolist()
     for owner, item, reward, rank in zip(owners, flat, sample_rewards.tolist(), ranks):
-        if reward > threshold and (owner not in best or rank > best[owner][0]):
-            best[owner] = (rank, item["completion"])
+        if reward > threshold:
+            answers = passing.setdefault(owner, {})
+            answers[item["completion"]] = max(rank, answers.get(item["completion"], rank))
+            extra_ok[owner, item["completion"]] = reward > extra_threshold
+    # the best answer of a prompt clears the midpoint; the extra ones must be as good as the liked answers
+    # (above the midpoint, a prompt's second-best was often another style: regime b, docs/learning.md)
     kept = [{"images": stored_prompts[i]["images"], "prompt": stored_prompts[i]["prompt"],
              "completion": [{"role": "assistant", "content": [{"type": "text", "text": text}]}]}
-            for i, (_, text) in sorted(best.items())]
-    return kept, {"samples": len(flat), "kept": len(kept),
+            for i, answers in sorted(passing.items())
+            for n, text in enumerate(sorted(answers, key=answers.get, reverse=True)[:per_prompt])
+            if n == 0 or extra_ok[i, text]]
+    return kept, {"samples": len(flat), "kept": len(kept), "kept_prompts": len(passing), "per_prompt": per_prompt,
                   "kept_examples": [k["completion"][0]["content"][0]["text"] for k in kept[:12]]}

@@ -114,6 +114,9 @@ class TrainSettings:
     best_of: int = setting(8, flag="--best-of", bounds=Bounds(2, 64), help="rs: answers sampled per prompt")
     rs_prompts: int = setting(1000, flag="--prompts", bounds=Bounds(1, 100_000),
                               help="rs: logged prompts to sample on")
+    # rs: with fewer prompts than this, several distinct answers per prompt are kept, up to about this
+    # many in all (regime b of bench/learning.py: 48 voted prompts, no unvoted chats)
+    rs_keep_rows: int = setting(200, bounds=Bounds(1))
     rs_temperature: float = 0.7  # fewer wrong samples than at 1.0 for the same style shift (docs/learning.md, recipe table)
     # round 2 samples from round 1's candidate (docs/learning.md, recipe table)
     rs_rounds: int = setting(2, flag="--rs-rounds", bounds=Bounds(1, 5), help=(
@@ -137,6 +140,11 @@ class TrainSettings:
     held_out_fraction: float = prefs.HELD_OUT_FRACTION
     max_length: int = 2048
     seed: int = setting(0, flag="--seed", help="seed of the sampling and the training")
+    budget_min: float | None = setting(None, flag="--budget", metavar="MINUTES", label="--budget",
+                                       bounds=Bounds(0, open_low=True, unit="minutes"), help=(
+        "cap the run at this many minutes of this machine, by its estimate made before training (measured unit "
+        "costs x the run's work, docs/learning.md): rs samples on fewer prompts, the other methods train fewer "
+        "steps; a run that cannot fit is refused"))
     threads: int | None = setting(None, flag="--threads", bounds=Bounds(1),
                                   help="torch threads (default: 1 on 2 cores or fewer, else half the cores)")
     priority: str = setting("idle", flag="--priority", choices=("idle", "nice"), help=(
@@ -169,6 +177,8 @@ class TrainSettings:
 
 
 DEFAULT_TRAIN_AFTER = 50  # new labels; ~a quarter of the ~200 votes the proof runs use
+DEFAULT_QUIET_S = 60.0  # votes in one sitting come seconds apart; a minute without one ends the burst
+DEFAULT_MAX_WAIT_S = 900.0  # a steady trickle still trains within 15 minutes of the run falling due
 
 
 @dataclass
@@ -185,9 +195,19 @@ class WatchSettings:
                              metavar="SECONDS", help="seconds to wait after a failed run before trying again")
     poll_s: float = setting(2.0, flag="--poll", bounds=Bounds(0, open_low=True, unit="seconds"), label="--poll",
                             metavar="SECONDS", help="seconds between looks at the store")
+    quiet_s: float = setting(DEFAULT_QUIET_S, flag="--quiet-for", bounds=Bounds(0, unit="seconds"), label="--quiet-for",
+                             metavar="SECONDS", help="start a due run only once no new label has arrived for this "
+                                                     "long, so a burst of votes makes one run (0: at once)")
+    max_wait_s: float = setting(DEFAULT_MAX_WAIT_S, flag="--max-wait", bounds=Bounds(0, unit="seconds"),
+                                label="--max-wait", metavar="SECONDS",
+                                help="but start it at the latest this long after it fell due, even while labels "
+                                     "keep arriving")
 
     def validate(self) -> "WatchSettings":
         check_declared(self)
+        if self.max_wait_s < self.quiet_s:
+            raise RequestError(f"--max-wait ({self.max_wait_s:g} s) must be at least --quiet-for "
+                               f"({self.quiet_s:g} s)")
         return self
 
 

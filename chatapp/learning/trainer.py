@@ -15,18 +15,28 @@ Invariants:
   (NoCandidate) is recorded as rejected. A run records its version as soon as it is published;
   one that fails (or dies) after activating it keeps its decision, with the error beside it.
 - The run's progress (phase, step, total, loss, rewards, ETA) and result are written to the store.
+- Before it trains, a run states its cost (`cost`: unit costs measured on the loaded model x its
+  work), logged and stored with the run; `--budget` cuts the run to fit, or refuses it (failed,
+  with the estimate) when it cannot be cut enough.
 - Torch threads and the process priority are limited, so a chat served from the same machine stays
   responsive (default: 1 thread when the machine has 2 cores or fewer; SCHED_IDLE and nice 10).
+- A run's temp files (TRL's output folder, the adapter saved for publishing) live in
+  `<data dir>/.train-tmp`, emptied when a run starts and ends under the run lock: a run killed with
+  SIGKILL leaves no folder behind in the system's temp dir, the next run removes its files.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatapp.core.errors import RequestError
 from chatapp.core.files import LockBusy, file_lock
+from chatapp.learning.advice import advise, with_advice
 from chatapp.learning.data import Data, choose_method, prepare_data
 from chatapp.learning.publish import publish_candidate
 from chatapp.learning.rejection import NoCandidate, rejection_sampling
@@ -34,6 +44,7 @@ from chatapp.learning.settings import DEFAULT_LR, TrainSettings
 from chatapp.learning.trl_runs import Progress, train_plain
 
 LOCK_NAME = ".train.lock"
+SCRATCH_NAME = ".train-tmp"
 
 
 class TrainingBusy(RequestError):
@@ -62,6 +73,20 @@ def run_lock(data_dir):
         yield
 
 
+@contextlib.contextmanager
+def scratch_space(data_dir):
+    """Every temp file of the run under `<data dir>/.train-tmp` (hold the run lock: one run uses it)."""
+    scratch = Path(data_dir) / SCRATCH_NAME
+    shutil.rmtree(scratch, ignore_errors=True)  # what a killed run left
+    scratch.mkdir(parents=True)
+    previous, tempfile.tempdir = tempfile.tempdir, str(scratch)
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def limit_resources(threads: int | None, priority: str = "idle") -> int:
     """Fewer torch threads and a lower priority than the chat; returns the thread count used.
     priority "idle" (Linux SCHED_IDLE, on top of nice 10): the run only gets CPU time the chat does
@@ -87,13 +112,13 @@ def train(store, registry, model_name: str | None = None, settings: TrainSetting
     too little feedback, TrainingBusy when another run holds the lock; any other failure marks the
     run failed and re-raises."""
     settings = (settings or TrainSettings()).validate()
-    with run_lock(store.data_dir):
+    with run_lock(store.data_dir), scratch_space(store.data_dir):
         return _train(store, registry, model_name, settings, log)
 
 
 def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResult:
     # torch, scipy and the model's libraries come in when a run starts, not when `train --watch` starts
-    from chatapp.learning import gate
+    from chatapp.learning import gate, modelops
     from chatapp.learning.fingerprint import base_fingerprint
 
     live = registry.active()
@@ -106,14 +131,18 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
     try:
         threads = limit_resources(settings.threads, settings.priority)
         progress.start("loading the model", 0)
+        loading = time.monotonic()
         engine, notice = _load_base(model_name, settings)
         if notice:
             log(f"notice: {notice}")
         base, processor = engine.model, engine.processor
+        modelops.use_image_detail(processor, data.image_detail)  # prompts rebuilt as they were generated
         fingerprint = base_fingerprint(base)
         live_path = registry.validate(live, fingerprint) if live else None
         store.update_run(run_id, rows=len(data.kto_train) + len(data.dpo_train),
                          metrics={"data": data.summary(), "threads": threads})
+        settings, data = _estimate(store, run_id, progress, engine, method, data, settings, bool(live_path),
+                                   time.monotonic() - loading, log)
         import torch
 
         torch.manual_seed(settings.seed)
@@ -143,6 +172,8 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
             log("train: candidates " + "; ".join(f"{n}: {v['decision']}" for n, v in verdicts.items())
                 + f"; chosen: {candidate}")
             reason += f" (the {epochs[candidate]}-epoch candidate; trained: {', '.join(map(str, epochs.values()))})"
+        if decision == "rejected":  # what more feedback would help, stored with the run (the admin tab shows it)
+            reason = with_advice(reason, advise(data, reason, metrics, settings.held_out_fraction))
         version = None
         if settings.publish != "never":  # a rejected candidate is kept too: an admin may still activate it
             progress.start("publishing", 0)
@@ -156,10 +187,11 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
         log(f"train: {decision} ({reason})" + (f"; published {version}" if version else ""))
         return RunResult(run_id, method, decision, reason, version, metrics)
     except NoCandidate as rejected:
-        store.finish_run(run_id, "rejected", decision="rejected", reason=str(rejected), metrics=rejected.metrics,
+        reason = with_advice(str(rejected), advise(data, str(rejected), rejected.metrics, settings.held_out_fraction))
+        store.finish_run(run_id, "rejected", decision="rejected", reason=reason, metrics=rejected.metrics,
                          phase="done")
-        log(f"train: rejected ({rejected})")
-        return RunResult(run_id, method, "rejected", str(rejected), None, rejected.metrics)
+        log(f"train: rejected ({reason})")
+        return RunResult(run_id, method, "rejected", reason, None, rejected.metrics)
     except BaseException as error:
         message = f"{type(error).__name__}: {error}"[:2000]
         published = (store.run(run_id) or {}).get("candidate_version")
@@ -169,6 +201,28 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
         else:
             store.finish_run(run_id, "failed", error=message, phase="failed")
         raise
+
+
+def _estimate(store, run_id: int, progress: Progress, engine, method: str, data: Data, settings: TrainSettings,
+              has_live: bool, load_s: float, log) -> tuple[TrainSettings, Data]:
+    """The run's cost, stated before it trains (`cost`): unit costs measured on the loaded model x the
+    run's work, fitted to `--budget` (fewer prompts or steps), stored with the run and logged.
+    Raises OverBudget (the estimate stored) when the run cannot be cut to fit."""
+    import dataclasses
+
+    from chatapp.learning import cost
+
+    progress.start("measuring what the run will cost", 0)
+    units = cost.calibrate(engine.model, engine.processor, method, data, settings, load_s)
+    shape = cost.Shape.of(method, data, len(_probe(engine, settings)), has_live)
+    try:
+        settings, shape, estimate = cost.fit(shape, settings, units, settings.budget_min)
+    except cost.OverBudget as refused:
+        store.update_run(run_id, estimate=dict(refused.estimate.as_dict(), units=units.as_dict()))
+        raise
+    store.update_run(run_id, estimate=dict(estimate.as_dict(), units=units.as_dict()), settings=settings.as_dict())
+    log(f"train: estimate {estimate.summary()}" + (f"; {estimate.scaled}" if estimate.scaled else ""))
+    return settings, dataclasses.replace(data, prompts=data.prompts[:shape.prompts])
 
 
 def _active_or_none(registry) -> str | None:

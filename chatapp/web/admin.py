@@ -163,4 +163,6 @@ def _run_summary(run: dict) -> dict:
             "version": run["candidate_version"], "parent": run["parent_version"], "started_at": run["started_at"],
             "finished_at": run["finished_at"],
             "auc": candidate.get("auc"), "live_auc": live.get("auc"), "probe": candidate.get("probe_accuracy"),
-            "live_probe": live.get("probe_accuracy")}
+            "live_probe": live.get("probe_accuracy"),
+            # what the run expected to cost before it started (learning/cost.py), in minutes
+            "estimate_min": (run.get("estimate") or {}).get("minutes")}

@@ -23,8 +23,8 @@ from chatapp.web.users import Users
 
 STATUS_EVERY_S = 1.0  # the progress bar and the curves
 TABLES_EVERY_S = 3.0  # runs, adapters, statistics, A/B standing
-RUN_COLUMNS = ["id", "status", "method", "rows", "steps", "decision", "reason", "auc", "live_auc", "probe",
-               "live_probe", "version", "parent", "started_at", "finished_at"]
+RUN_COLUMNS = ["id", "status", "method", "rows", "steps", "estimate_min", "decision", "reason", "auc", "live_auc",
+               "probe", "live_probe", "version", "parent", "started_at", "finished_at"]
 ADAPTER_COLUMNS = ["version", "active", "parent", "method", "gate", "created_at"]
 
 
