@@ -91,7 +91,8 @@ class TrainSettings:
     batch_size: int = setting(8, flag="--batch-size", bounds=Bounds(1, 256), help=(
         "rows per step; use 1-2 for real-size models on a CPU: ~1.4 GB of activations per SmolVLM-256M image row"))
     grad_accum: int = setting(1, flag="--grad-accum", bounds=Bounds(1, 256), help=(
-        "batches per optimizer step: --batch-size 1 --grad-accum 8 trains like a batch of 8 with one row's memory"))
+        "batches per optimizer step: --batch-size 2 --grad-accum 4 trains like a batch of 8 with two rows' "
+        "memory (KTO, and so the rs scorer, needs at least 2 rows a batch)"))
     # auto: on for real-size models, where activations are most of a run's memory (bench/training.py),
     # off for the demo model, whose activations are a few MB
     gradient_checkpointing: str = setting("auto", flag="--gradient-checkpointing", choices=("auto", "on", "off"),
