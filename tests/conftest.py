@@ -3,8 +3,10 @@ hub: HF_HUB_OFFLINE is set and the hub cache points at an empty temp folder, so 
 never found and the demo model is used."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,6 +27,23 @@ def demo_engine():
     from chatapp.serving.engine import Engine
 
     return Engine.load("demo")
+
+
+@pytest.fixture(autouse=True)
+def keep_the_test_process_priority():
+    """A test that calls train() in this process lowers its priority (trainer.limit_resources: nice 10,
+    SCHED_IDLE, one torch thread); put it back after the test, or every later test, and every server
+    it starts, would inherit the trainer's priority (a live-loop test then took 311 s instead of ~100,
+    and a test of the 'nice' priority found SCHED_IDLE already set)."""
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    yield
+    with contextlib.suppress(OSError):  # lowering nice needs root (CI runs as root)
+        os.sched_setscheduler(0, policy, param)
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    if threads is not None:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 @pytest.fixture
