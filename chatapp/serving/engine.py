@@ -326,12 +326,7 @@ class Engine:
 
     def generate(self, messages: list[dict], params: GenerationParams | None = None, **kwargs) -> Reply:
         """The whole reply at once (same path as `stream`)."""
-        events = 0
-        for event in self.stream(messages, params, **kwargs):
-            events += 1
-            if event.done:
-                return Reply(text=event.text, meta=event.meta, events=events)
-        raise EngineError("generation ended without a result")  # unreachable: stream always ends with done
+        return Reply.collect(self.stream(messages, params, **kwargs), EngineError("generation ended without a result"))
 
 
 # ---------------------------------------------------------------- model choice

@@ -376,9 +376,4 @@ class OpenAIBackend:
 
     def generate(self, messages: list[dict], params: GenerationParams | None = None, **kwargs) -> Reply:
         """The whole reply at once (same path as `stream`)."""
-        events = 0
-        for event in self.stream(messages, params, **kwargs):
-            events += 1
-            if event.done:
-                return Reply(text=event.text, meta=event.meta, events=events)
-        raise BackendError("the reply ended without a result")
+        return Reply.collect(self.stream(messages, params, **kwargs), BackendError("the reply ended without a result"))

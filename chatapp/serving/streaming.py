@@ -161,3 +161,13 @@ class Reply:
     meta: ReplyMeta
     events: int = field(default=0)
 
+    @classmethod
+    def collect(cls, stream, error: Exception) -> "Reply":
+        """The whole reply of a backend's `stream` (its `done` event); `error` when it ends without one."""
+        events = 0
+        for event in stream:
+            events += 1
+            if event.done:
+                return cls(text=event.text, meta=event.meta, events=events)
+        raise error
+
