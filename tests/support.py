@@ -67,3 +67,30 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def random_lora_folders(base_model, root: Path, scale: float) -> tuple[Path, Path]:
+    """A LoRA adapter of `base_model` saved by peft under root/good, its B weights drawn at `scale` so it
+    changes the answers, and the same adapter under root/broken with an adapter_config.json naming
+    target modules the base does not have (it passes the registry's checks; peft cannot load it)."""
+    import copy
+    import json
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=4, lora_alpha=8,
+                                                                 target_modules=r".*text_model.*\.(q_proj|v_proj)"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, scale)
+    good, broken = root / "good", root / "broken"
+    model.save_pretrained(good)
+    shutil.copytree(good, broken)
+    adapter_config = json.loads((broken / "adapter_config.json").read_text())
+    adapter_config["target_modules"] = ["no_such_projection"]
+    (broken / "adapter_config.json").write_text(json.dumps(adapter_config))
+    return good, broken

@@ -2,13 +2,7 @@
 passes the registry's metadata and checksum checks but that peft cannot load never breaks chat (the
 engine tries it once, stays on the version it had, and the follower reports why to the admin tab),
 and activating a version trained on another base model is refused at /activate, not only later."""
-import copy
-import json
-import shutil
-
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
 
 import fault_figures
 from chatapp.core.config import validate_generation
@@ -21,6 +15,7 @@ from chatapp.serving.hotswap import ActiveFollower
 from chatapp.web.admin import AdminService
 from chatapp.web.chat import ChatService
 from chatapp.web.users import LOCAL
+from support import random_lora_folders
 
 GREEDY = validate_generation(temperature=0, max_new_tokens=16)
 QUESTION = [{"role": "user", "content": "What can you do?"}]
@@ -38,20 +33,7 @@ def adapters(tmp_path_factory):
     fingerprint."""
     base = Engine.load("demo").model
     fingerprint = base_fingerprint(base)
-    torch.manual_seed(0)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8,
-                                                           target_modules=r".*text_model.*\.(q_proj|v_proj)"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
-    root = tmp_path_factory.mktemp("adapters")
-    good, broken = root / "good", root / "broken"
-    model.save_pretrained(good)
-    shutil.copytree(good, broken)
-    config = json.loads((broken / "adapter_config.json").read_text())
-    config["target_modules"] = ["no_such_projection"]
-    (broken / "adapter_config.json").write_text(json.dumps(config))
+    good, broken = random_lora_folders(base, tmp_path_factory.mktemp("adapters"), scale=0.2)
     return good, broken, fingerprint
 
 

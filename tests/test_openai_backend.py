@@ -10,7 +10,6 @@ the server is back.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -21,7 +20,7 @@ import time
 import pytest
 
 from backend_support import BackendServer
-from support import start_server, stop_server
+from support import random_lora_folders, start_server, stop_server
 from chatapp.core import config
 from chatapp.core.errors import EngineError
 from chatapp.demo import shapes
@@ -56,9 +55,6 @@ def adapters(tmp_path_factory, image_file):
     """A LoRA folder whose random B weights change the greedy answer, the same adapter with a config
     naming modules the base does not have (it passes the registry's checks; no server can load it), the
     base's fingerprint, and the in-process engine's greedy answers without and with the adapter."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
     from chatapp.learning.fingerprint import base_fingerprint
     from chatapp.serving.engine import Engine
 
@@ -67,20 +63,7 @@ def adapters(tmp_path_factory, image_file):
     question = [{"role": "user", "content": [{"type": "image", "image": str(image_file)},
                                              {"type": "text", "text": "What shape is it?"}]}]
     base_answer = engine.generate(question, GREEDY).text
-    torch.manual_seed(0)
-    model = get_peft_model(copy.deepcopy(engine.model), LoraConfig(r=4, lora_alpha=8,
-                                                                   target_modules=r".*text_model.*\.(q_proj|v_proj)"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 3.0)
-    root = tmp_path_factory.mktemp("adapters")
-    good, broken = root / "good", root / "broken"
-    model.save_pretrained(good)
-    shutil.copytree(good, broken)
-    adapter_config = json.loads((broken / "adapter_config.json").read_text())
-    adapter_config["target_modules"] = ["no_such_projection"]
-    (broken / "adapter_config.json").write_text(json.dumps(adapter_config))
+    good, broken = random_lora_folders(engine.model, tmp_path_factory.mktemp("adapters"), scale=3.0)
     engine.use_adapter("good", good)
     adapted_answer = engine.generate(question, GREEDY).text
     assert adapted_answer != base_answer  # the adapter shows in the answer
