@@ -93,7 +93,8 @@ class ChatLoad:
             started = time.time()
             try:
                 answer = c.predict("", question, handle_file(str(self.image)), 1.0, 50, 1.0, 24, api_name="/chat")
-                self.results.append({"started": started, "ended": time.time(), "adapter": answer["adapter"],
+                self.results.append({"user": index, "started": started, "ended": time.time(),
+                                     "adapter": answer["adapter"],
                                      "text": answer["text"], "message_id": answer["message_id"]})
             except Exception as error:  # every failure is a test failure: keep it to report
                 self.errors.append(f"{type(error).__name__}: {error}")
@@ -182,7 +183,10 @@ def test_page_votes_trigger_a_run_that_goes_live_under_load(live, browser, image
         expect(page.locator("#admin-runs")).to_contain_text("promoted", timeout=2_500)
         page.screenshot(path=str(artifacts / "admin-promoted.png"), full_page=True)
         swap_at = activation_time(data, "v1")
-        time.sleep(4)  # the load keeps going across and after the swap
+        # the load keeps going across the swap until every user has sent a message 2 s after it and had
+        # its answer (a fixed pause was too short on a busy machine: answers then take several seconds)
+        wait_for(lambda: {r["user"] for r in load.results if r["started"] > swap_at + 2} == set(range(load.users)),
+                 90, 0.5, "an answer to a message sent after the swap, for every user")
     [finished] = store.runs()
     assert finished["status"] == "promoted" and finished["candidate_version"] == "v1", finished
     assert finished["rows"] and store.run_points(finished["id"]), "the run wrote its curve points"
