@@ -164,6 +164,8 @@ def test_the_app_started_from_another_folder_trains_in_the_background(tmp_path, 
         assert server.poll() is None, "the server died\n" + logs
         assert finished is not None, "no training run finished\n" + logs
         assert finished["status"] in ("promoted", "rejected") and not finished["error"], f"{finished}\n{logs}"
-        assert "No module named" not in trainer_log.read_text(), logs
+        # the failure this guards against is our own package missing in the trainer; a library may log a
+        # missing optional module of its own (transformers: "No module named 'kernels'") without harm
+        assert "No module named 'chatapp" not in trainer_log.read_text(), logs
     finally:
         stop_server(server)
