@@ -203,7 +203,10 @@ def test_browser_compare_and_edit(server, browser, image_file, artifacts):
     page.locator("#message textarea").press("Enter")
     expect(page.locator('[data-testid="toast-body"]').first).to_contain_text("not an image", timeout=30_000)
     expect(page.locator('[data-testid="bot"]')).to_have_count(0)
+    expect(page.locator('[data-testid="user"]')).not_to_have_count(0)
     page.locator("#new-chat").click()
+    # New chat has landed (it clears the refused message) before the compare request starts
+    expect(page.locator('[data-testid="user"]')).to_have_count(0, timeout=30_000)
 
     page.locator("#compare-mode input").check()
     page.locator('#message input[data-testid="file-upload"]').set_input_files(str(image_file))

@@ -167,7 +167,9 @@ class ChatPage:
         yield {self.chatbot: chatbot, self.state: new_state, self.sibling_label: label, self.info: info,
                self.conversations: self._conversation_choices(user, new_state.conversation_id),
                self.textbox: gr.MultimodalTextbox(value=None, interactive=True),
-               self.compare_buttons: gr.Row(visible=compare)}
+               # the panel's end state follows the request that just finished, even if an
+               # earlier click (New chat) landed while this one streamed
+               self.compare_panel: gr.Row(visible=compare), self.compare_buttons: gr.Row(visible=compare)}
 
     @as_gradio_errors
     def send(self, message, state: PageState, temperature, top_k, top_p, max_new_tokens, seed, image_detail,
