@@ -29,9 +29,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["4bit", "8bit"], help="bitsandbytes loading (CUDA only)")
 
 
-def _backend_args(parser: argparse.ArgumentParser) -> None:
+def _backend_args(parser: argparse.ArgumentParser, what: str = "replies are generated") -> None:
     """Where replies come from: this process (default) or an OpenAI-compatible server (docs/architecture.md)."""
-    group = parser.add_argument_group("backend", "where replies are generated (README: Scaling out)")
+    group = parser.add_argument_group("backend", f"where {what} (README: Scaling out)")
     group.add_argument("--backend", choices=["inprocess", "openai"], default="inprocess",
                        help="inprocess: the model runs here (default); openai: an OpenAI-compatible server "
                             "(vLLM, transformers serve) at --backend-url")
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     watching.add_argument("--watch", action="store_true",
                           help="keep running: train whenever enough new feedback arrived")
     add_flags(watching, WatchSettings)
+    _backend_args(train, "the run's answers are sampled (rejection sampling, the gate); scoring and training "
+                         "stay here")
 
     users = sub.add_parser("users", help="manage who may log in (logins are on once a user exists)",
                            description="Manage the users file. Without users the app runs as one local admin "
@@ -198,20 +200,30 @@ def cmd_users(args) -> int:
 def cmd_train(args) -> int:
     from chatapp.learning.registry import Registry
     from chatapp.feedback.store import Store
+    from chatapp.learning.sampler import BackendSpec
     from chatapp.learning.trainer import train
 
     data = config.data_dir(args.data_dir)
     settings = from_args(TrainSettings, args).validate()
+    backend = BackendSpec.from_args(args)
     if args.watch:
+        from chatapp.core.errors import EngineError
         from chatapp.learning.watcher import watch
 
         watch_settings = from_args(WatchSettings, args).validate()
+        if backend:
+            try:
+                backend.check()
+            except EngineError as error:  # each run checks again: the server may come up later
+                print(f"warning: {error}", file=sys.stderr, flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         watch(data, config.requested_model(args.model), settings, watch_settings,
-              log=lambda m: print(m, file=sys.stderr, flush=True))
+              log=lambda m: print(m, file=sys.stderr, flush=True), backend=backend)
         return 0
+    if backend:
+        backend.check()  # a server that is down fails here, in seconds, before the model loads
     result = train(Store(data), Registry.for_data_dir(data), config.requested_model(args.model), settings,
-                   log=lambda m: print(m, file=sys.stderr))
+                   log=lambda m: print(m, file=sys.stderr), backend=backend)
     print(json.dumps({"run": result.run_id, "method": result.method, "decision": result.decision,
                       "reason": result.reason, "version": result.version}))
     return 0

@@ -77,3 +77,34 @@ def test_a_text_file_named_png_is_refused(tmp_path):
     fake.write_text("not an image")
     out = run_cli("ask", "--model", "demo", "--image", str(fake), "What is this?")
     assert out.returncode == 2 and "fake.png" in out.stderr and "not an image" in out.stderr
+
+
+def test_train_with_a_model_server_that_is_down_fails_fast_and_clearly(tmp_path):
+    """`train --backend openai` checks the server before it loads anything: one line, status 2, in seconds."""
+    import time
+
+    started = time.monotonic()
+    out = run_cli("train", "--data-dir", str(tmp_path), "--backend", "openai", "--backend-url", "http://127.0.0.1:9/v1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: the model server at http://127.0.0.1:9/v1 is not reachable")
+    assert "check --backend-url" in out.stderr and time.monotonic() - started < 30
+    from chatapp.feedback.store import Store
+
+    assert Store(tmp_path).runs() == []  # nothing was recorded
+    missing = run_cli("train", "--data-dir", str(tmp_path), "--backend", "openai")
+    assert missing.returncode == 2 and "--backend openai needs --backend-url" in missing.stderr
+
+
+def test_serve_passes_its_backend_flags_to_its_background_trainer():
+    """The trainer `serve --backend openai` starts samples on the same server, with the same flags."""
+    from chatapp.cli import build_parser
+    from chatapp.learning.sampler import BackendSpec
+
+    serve = build_parser().parse_args(["serve", "--backend", "openai", "--backend-url", "http://h:8000/v1",
+                                       "--backend-model", "m", "--backend-api-key-env", "KEY",
+                                       "--backend-path-map", "/data=/srv/data", "--backend-engine", "vllm",
+                                       "--backend-timeout", "60"])
+    spec = BackendSpec.from_args(serve)
+    train = build_parser().parse_args(["train", "--watch", *spec.as_flags()])
+    assert BackendSpec.from_args(train) == spec and spec.path_map == ["/data=/srv/data"]
+    assert BackendSpec.from_args(build_parser().parse_args(["train"])) is None  # in-process by default

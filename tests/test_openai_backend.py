@@ -6,7 +6,8 @@ unchanged when replies come from the server, and answers carry their adapter ver
 loaded into the server before answers are routed to it, a version the server cannot load leaves the
 chat on its version with the reason in the admin status; server failures are clear messages; killing
 the server mid-answer keeps the user's message and the partial answer, and the next message works once
-the server is back.
+the server is back; `train --backend openai` samples its answers (rejection sampling, the gate) on the
+server, as many requests as the server logged, and records its decision.
 """
 from __future__ import annotations
 
@@ -332,6 +333,64 @@ def test_killing_the_model_server_mid_answer_keeps_what_was_shown(backend, tmp_p
     assert follow_up.done and follow_up.message_id and follow_up.text
     assert [m["role"] for m in service.conversation(LOCAL, conversation["id"])["messages"]] == \
         ["user", "assistant", "user", "assistant"]
+
+
+# ---------------------------------------------------------------- the trainer's sampling on the model server
+
+def test_train_samples_its_answers_on_the_model_server(backend, demo_engine, tmp_path):
+    """`train --backend openai`: rejection sampling's best-of-2 answers and the gate's answers (of the base and
+    of the candidate, which the server loads under a temporary name) come from the server, which counts the
+    requests the run's metrics report; scoring and training stay in the trainer; the decision is recorded."""
+    import subprocess
+    import sys
+
+    from chatapp.learning import simulate
+    from support import ROOT, subprocess_env
+
+    data = tmp_path / "data"
+    store = Store(data)
+    # 40 questions asked 3 times each: votes enough for the scorer, few held-out prompts for the gate to sample
+    logged = simulate.log_chats(store, demo_engine.model, demo_engine.processor, 40, seed=3,
+                                users=[f"user{i}" for i in range(5)], repeats=3)
+    simulate.vote(store, logged, simulate.style_rule("terse"))
+    probe = tmp_path / "probe.jsonl"  # two questions: the demo probe's 250 would be 500 requests
+    rng = random.Random(7)
+    with probe.open("w") as lines:
+        for i in range(2):
+            example = shapes.random_example(rng, "color")
+            shapes.render(example.scene).save(tmp_path / f"probe{i}.png")
+            lines.write(json.dumps({"prompt": example.question, "image": f"probe{i}.png", "expect": []}) + "\n")
+
+    def served() -> int:  # the server's own access log: one line per chat-completions request
+        return backend.log.read_text().count("POST /v1/chat/completions")
+
+    before = served() if backend.managed else None
+    run = subprocess.run([sys.executable, "-m", "chatapp", "train", "--data-dir", str(data), "--model", "demo",
+                          "--method", "rs", "--from", "base", "--best-of", "2", "--prompts", "12", "--rs-rounds", "1",
+                          "--rs-extra-epochs", "none", "--epochs", "1", "--batch-size", "4", "--min-rows", "10",
+                          "--regression-set", str(probe), "--backend", "openai", "--backend-url", backend.url],
+                         cwd=ROOT, env=subprocess_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])  # TRL prints its step logs before it
+    record = store.run(result["run"])
+    assert record["decision"] == result["decision"] in ("promoted", "rejected") and record["reason"]
+    sampling = record["metrics"]["sampling"]
+    rs = sampling["rejection sampling round 1: base"]
+    assert rs["sampler"] == "openai" and rs["url"] == backend.url and rs["served_as"] == "base"
+    prompts = record["metrics"]["rs"]["prompts"]  # --prompts 12, or fewer outside the held-out split
+    assert 4 <= prompts <= 12 and rs["requests"] == rs["answers"] == prompts * 2
+    assert rs["server_completion_tokens"] > 0  # the server's usage, summed
+    probe_phase = sampling["gate probe: candidate"]  # the unpublished candidate, loaded into the server
+    assert probe_phase["sampler"] == "openai" and probe_phase["requests"] == 2
+    assert probe_phase["served_as"].startswith(f"run{result['run']}-candidate-")
+    assert {phase.split(": ")[0] for phase in sampling} == {"cost estimate", "rejection sampling round 1",
+                                                              "gate probe", "gate sampled answers"}
+    # the estimate timed sampling where the run samples: on the server
+    assert sampling["cost estimate: base"]["sampler"] == "openai" and record["estimate"]["units"]["sample_s"] > 0
+    assert "sampling through the model server at " + backend.url in run.stderr
+    assert f"train: rejection sampling round 1: base: {prompts * 2} answers, openai" in run.stderr
+    if backend.managed:
+        assert served() - before == sum(phase["requests"] for phase in sampling.values())
 
 
 # ---------------------------------------------------------------- training at scale (opt-in: ~1-2 minutes)

@@ -229,10 +229,11 @@ def _alternating(rows: list[dict]) -> list[dict]:
 
 
 def calibrate(base, processor, method: str, data, settings: TrainSettings, load_s: float = 0.0,
-              kinds: tuple[str, ...] | None = None, timed_steps: int = TIMED_STEPS) -> Units:
+              kinds: tuple[str, ...] | None = None, timed_steps: int = TIMED_STEPS, sampler=None) -> Units:
     """The unit costs of this run on the loaded `base` (not a PeftModel): a batch of sampled answers,
     a batch of scoring passes and `timed_steps` steps of each TRL kind the method trains (or of
-    `kinds`), on the run's rows."""
+    `kinds`), on the run's rows. With a model-server `sampler` (`train --backend openai`) the sampled
+    answers are timed there, where the run will sample, one wave of its requests in flight."""
     from chatapp.feedback import prefs
     from chatapp.learning import modelops
 
@@ -262,8 +263,16 @@ def calibrate(base, processor, method: str, data, settings: TrainSettings, load_
     per_prompt = min(settings.best_of, batch)
     prompts = items[:max(1, batch // per_prompt)]
     timer = time.perf_counter()
-    modelops.sample_answers(base, processor, prompts, per_prompt, temperature=settings.rs_temperature,
-                            max_new_tokens=settings.max_new_tokens, seed=settings.seed)
+    if sampler is not None and sampler.describe()["sampler"] != "inprocess":
+        from chatapp.learning.sampler import IN_FLIGHT
+
+        # one request alone, then one wave in flight: the way the run sends them (sampler.BackendSampler)
+        prompts = prompts[:max(1, (IN_FLIGHT + 1) // per_prompt)]
+        sampler.sample(base, processor, prompts, per_prompt, policy=None, temperature=settings.rs_temperature,
+                       max_new_tokens=settings.max_new_tokens, seed=settings.seed, phase="cost estimate")
+    else:
+        modelops.sample_answers(base, processor, prompts, per_prompt, temperature=settings.rs_temperature,
+                                max_new_tokens=settings.max_new_tokens, seed=settings.seed)
     sample_s = (time.perf_counter() - timer) / (len(prompts) * per_prompt)
     voted = data.kto_train.rows or data.sft_train.rows
     scored = [{"prompt": r["prompt"], "images": modelops.load_images(r["images"]),

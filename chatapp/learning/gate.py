@@ -165,11 +165,14 @@ def jsonl_probe(path: str) -> list[dict]:
     return probe
 
 
-def probe_accuracy(model, processor, probe: list[dict], policy: str | None) -> float:
+def probe_accuracy(model, processor, probe: list[dict], policy: str | None, sampler=None) -> float:
+    """Greedy accuracy of `policy` on the probe; `sampler` (learning/sampler.py; default: in this process)
+    draws the answers."""
     from chatapp.demo import shapes
+    from chatapp.learning.sampler import InProcessSampler
 
-    with modelops.adapter(model, policy):
-        answers = modelops.sample_answers(model, processor, probe, 1, temperature=0)
+    answers = (sampler or InProcessSampler()).sample(model, processor, probe, 1, policy=policy, temperature=0,
+                                                     phase="gate probe")
     correct = 0
     for item, [reply] in zip(probe, answers):
         if "example" in item:
@@ -180,10 +183,13 @@ def probe_accuracy(model, processor, probe: list[dict], policy: str | None) -> f
 
 
 def sampled_score(model, processor, prompts: list[dict], policy: str | None, scorer: str, samples: int,
-                  seed: int = 0, temperature: float = 1.0) -> float:
-    """Mean scorer reward of answers sampled at `temperature` from `policy` on `prompts`."""
-    with modelops.adapter(model, policy):
-        answers = modelops.sample_answers(model, processor, prompts, samples, temperature=temperature, seed=seed)
+                  seed: int = 0, temperature: float = 1.0, sampler=None) -> float:
+    """Mean scorer reward of answers sampled at `temperature` from `policy` on `prompts` (by `sampler`,
+    learning/sampler.py; default: in this process); the scoring runs here."""
+    from chatapp.learning.sampler import InProcessSampler
+
+    answers = (sampler or InProcessSampler()).sample(model, processor, prompts, samples, policy=policy,
+                                                     temperature=temperature, seed=seed, phase="gate sampled answers")
     items = [dict(p, completion=a) for p, group in zip(prompts, answers) for a in group]
     return float(rewards(model, processor, items, scorer).mean()) if items else 0.0
 
@@ -192,14 +198,16 @@ def sampled_score(model, processor, prompts: list[dict], policy: str | None, sco
 
 def measure(model, processor, policy: str | None, *, held_kto: list[dict], held_dpo: list[dict],
             probe: list[dict], settings: GateSettings, scorer: str | None = None,
-            style_prompts: list[dict] = ()) -> dict:
-    """Every number the gate judges one policy by (an adapter name; None = the base model)."""
+            style_prompts: list[dict] = (), sampler=None) -> dict:
+    """Every number the gate judges one policy by (an adapter name; None = the base model); `sampler`
+    draws its answers (learning/sampler.py; default: in this process)."""
     metrics = preference_metrics(model, processor, held_kto, held_dpo, policy)
     if probe:
-        metrics["probe_accuracy"] = probe_accuracy(model, processor, probe, policy)
+        metrics["probe_accuracy"] = probe_accuracy(model, processor, probe, policy, sampler)
     if scorer and style_prompts:
         metrics["sampled_score"] = sampled_score(model, processor, style_prompts, policy, scorer,
-                                                 settings.style_samples, seed=1, temperature=settings.temperature)
+                                                 settings.style_samples, seed=1, temperature=settings.temperature,
+                                                 sampler=sampler)
     return metrics
 
 
@@ -240,12 +248,12 @@ def verdict(cand: dict, live_metrics: dict, settings: GateSettings, *, held_out_
 
 def decide(model, processor, *, candidate: str, live: str | None, held_kto: list[dict], held_dpo: list[dict],
            probe: list[dict], settings: GateSettings, scorer: str | None = None,
-           style_prompts: list[dict] = (), live_metrics: dict | None = None, log=print) -> dict:
+           style_prompts: list[dict] = (), live_metrics: dict | None = None, log=print, sampler=None) -> dict:
     """Compare adapter `candidate` with `live` (None = the base model); both are loaded in `model`.
     `live_metrics`: the live policy's figures from an earlier call on the same data (not measured again)."""
     result: dict = {"settings": settings.as_dict(), "held_out_kto": len(held_kto), "held_out_dpo": len(held_dpo)}
     common = dict(held_kto=held_kto, held_dpo=held_dpo, probe=probe, settings=settings, scorer=scorer,
-                  style_prompts=style_prompts)
+                  style_prompts=style_prompts, sampler=sampler)
     log(f"gate: {candidate} on held-out feedback ({len(held_kto) + len(held_dpo)} rows), the regression probe "
         f"({len(probe)} items) and sampled answers")
     cand = measure(model, processor, candidate, **common)

@@ -40,11 +40,16 @@ class NoCandidate(Exception):
         self.metrics = metrics
 
 
-def rejection_sampling(base, processor, data: Data, settings: TrainSettings, progress: Progress, live_path):
+def rejection_sampling(base, processor, data: Data, settings: TrainSettings, progress: Progress, live_path,
+                       sampler=None):
     """Returns the model with its adapters, the scorer's adapter name, the recipe's metrics and the
-    names of the candidates for the gate."""
+    names of the candidates for the gate. `sampler` (learning/sampler.py; default: in this process) draws
+    the best-of-N answers; scoring and training run here."""
     # torch and scipy come in when a run starts, not when an idle `train --watch` imports the trainer
     from chatapp.learning import gate, modelops
+    from chatapp.learning.sampler import InProcessSampler
+
+    sampler = sampler or InProcessSampler()
 
     # 1. the scorer: KTO on the votes, or DPO on the pairs when there are no thumbs of both kinds
     # (reference: the base, adapters disabled)
@@ -96,7 +101,8 @@ def rejection_sampling(base, processor, data: Data, settings: TrainSettings, pro
     for round_number in range(1, settings.rs_rounds + 1):
         of_rounds = f" (round {round_number} of {settings.rs_rounds})" if settings.rs_rounds > 1 else ""
         kept, round_metrics = _best_of_n(model, processor, prompts, data.prompts, policy, threshold, settings,
-                                         progress, of_rounds, extra_threshold=float(liked.mean()))
+                                         progress, of_rounds, extra_threshold=float(liked.mean()), sampler=sampler,
+                                         phase=f"rejection sampling round {round_number}")
         metrics["rs"]["rounds"].append(round_metrics)
         metrics["rs"].update(samples=round_metrics["samples"], kept=round_metrics["kept"],
                              kept_examples=round_metrics["kept_examples"])
@@ -136,11 +142,14 @@ def scorer_from_pairs(data: Data) -> bool:
 
 def _best_of_n(model, processor, prompts: list[dict], stored_prompts: list[dict], policy, threshold: float,
                settings: TrainSettings, progress: Progress, of_rounds: str = "",
-               extra_threshold: float = float("inf")) -> tuple[list[dict], dict]:
+               extra_threshold: float = float("inf"), sampler=None,
+               phase: str = "rejection sampling") -> tuple[list[dict], dict]:
     """Sample `best_of` answers per prompt from adapter `policy` (None: the base), score them with the
     "scorer" adapter, and keep per prompt the best answer whose reward clears `threshold`."""
     from chatapp.learning import modelops
+    from chatapp.learning.sampler import InProcessSampler
 
+    sampler = sampler or InProcessSampler()
     progress.start(f"sampling {settings.best_of} answers to {len(prompts)} prompts{of_rounds}",
                    len(prompts) * settings.best_of)
     done = [0]
@@ -149,10 +158,9 @@ def _best_of_n(model, processor, prompts: list[dict], stored_prompts: list[dict]
         done[0] += n
         progress.step(done[0])
 
-    with modelops.adapter(model, policy):
-        samples = modelops.sample_answers(model, processor, prompts, settings.best_of,
-                                          temperature=settings.rs_temperature, max_new_tokens=settings.max_new_tokens,
-                                          seed=settings.seed, progress=advance)
+    samples = sampler.sample(model, processor, prompts, settings.best_of, policy=policy,
+                             temperature=settings.rs_temperature, max_new_tokens=settings.max_new_tokens,
+                             seed=settings.seed, phase=phase, progress=advance)
     flat = [dict(p, completion=a) for p, group in zip(prompts, samples) for a in group if a]
     owners = [i for i, group in enumerate(samples) for a in group if a]
     progress.start("scoring the samples" + of_rounds, 0)

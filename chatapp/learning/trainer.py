@@ -18,6 +18,9 @@ Invariants:
 - Before it trains, a run states its cost (`cost`: unit costs measured on the loaded model x its
   work), logged and stored with the run; `--budget` cuts the run to fit, or refuses it (failed,
   with the estimate) when it cannot be cut enough.
+- The run's answers (rejection sampling, the gate) are sampled by one `sampler` (learning/sampler.py): here,
+  or on a model server (`train --backend openai`); scoring and training always run here. The run's metrics
+  (`sampling`) and log say which sampler each phase used.
 - Torch threads and the process priority are limited, so a chat served from the same machine stays
   responsive (default: 1 thread when the machine has 2 cores or fewer; SCHED_IDLE and nice 10).
 - A run's temp files (TRL's output folder, the adapter saved for publishing) live in
@@ -107,19 +110,21 @@ def limit_resources(threads: int | None, priority: str = "idle") -> int:
 
 
 def train(store, registry, model_name: str | None = None, settings: TrainSettings | None = None,
-          log=print) -> RunResult:
+          log=print, backend=None) -> RunResult:
     """One training run, start to finish. Raises NotEnoughFeedback (nothing recorded) when there is
     too little feedback, TrainingBusy when another run holds the lock; any other failure marks the
-    run failed and re-raises."""
+    run failed and re-raises. `backend` (a `sampler.BackendSpec`, `train --backend openai`): the run's
+    answers are sampled on that model server; None: here."""
     settings = (settings or TrainSettings()).validate()
     with run_lock(store.data_dir), scratch_space(store.data_dir):
-        return _train(store, registry, model_name, settings, log)
+        return _train(store, registry, model_name, settings, log, backend)
 
 
-def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResult:
+def _train(store, registry, model_name, settings: TrainSettings, log, backend=None) -> RunResult:
     # torch, scipy and the model's libraries come in when a run starts, not when `train --watch` starts
     from chatapp.learning import gate, modelops
     from chatapp.learning.fingerprint import base_fingerprint
+    from chatapp.learning.sampler import make_sampler
 
     live = registry.active()
     for stale in store.fail_stale_runs(live):
@@ -128,6 +133,7 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
     method = choose_method(settings, data)
     run_id = store.create_run(method, settings.as_dict(), live)
     progress = Progress(store, run_id, log)
+    sampler = None
     try:
         threads = limit_resources(settings.threads, settings.priority)
         progress.start("loading the model", 0)
@@ -139,9 +145,11 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
         modelops.use_image_detail(processor, data.image_detail)  # prompts rebuilt as they were generated
         fingerprint = base_fingerprint(base)
         live_path = registry.validate(live, fingerprint) if live else None
+        sampler = make_sampler(backend, local_model=engine.model_id, live=live, live_path=live_path,
+                               image_detail=data.image_detail, run_id=run_id, log=log)
         store.update_run(run_id, rows=len(data.kto_train) + len(data.dpo_train),
                          metrics={"data": data.summary(), "threads": threads})
-        settings, data = _estimate(store, run_id, progress, engine, method, data, settings, bool(live_path),
+        settings, data = _estimate(store, run_id, progress, engine, method, data, settings, bool(live_path), sampler,
                                    time.monotonic() - loading, log)
         import torch
 
@@ -150,7 +158,7 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
         extra_metrics: dict = {}
         if method == "rs":
             model, scorer, extra_metrics, candidates = rejection_sampling(base, processor, data, settings, progress,
-                                                                          live_path)
+                                                                          live_path, sampler)
         else:
             lr = settings.learning_rate or DEFAULT_LR[method]
             model = train_plain(method, base, processor, data, settings, progress, live_path, lr)
@@ -159,10 +167,11 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
             model.load_adapter(str(live_path), adapter_name="live")
         model.eval()
         progress.start("evaluating (gate)", 0)
-        verdicts = _judge(model, processor, candidates, engine, settings, data, scorer, bool(live_path), log)
+        verdicts = _judge(model, processor, candidates, engine, settings, data, scorer, bool(live_path), log, sampler)
         candidate = gate.choose(verdicts)
         verdict = verdicts[candidate]
-        metrics = dict(verdict, data=data.summary(), threads=threads, **extra_metrics)
+        metrics = dict(verdict, data=data.summary(), threads=threads, sampling=_sampling_report(sampler, log),
+                       **extra_metrics)
         decision, reason = verdict["decision"], verdict["reason"]
         if len(candidates) > 1:
             epochs = settings.candidates(method)
@@ -187,6 +196,8 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
         log(f"train: {decision} ({reason})" + (f"; published {version}" if version else ""))
         return RunResult(run_id, method, decision, reason, version, metrics)
     except NoCandidate as rejected:
+        if sampler is not None:
+            rejected.metrics["sampling"] = _sampling_report(sampler, log)
         reason = with_advice(str(rejected), advise(data, str(rejected), rejected.metrics, settings.held_out_fraction))
         store.finish_run(run_id, "rejected", decision="rejected", reason=reason, metrics=rejected.metrics,
                          phase="done")
@@ -201,10 +212,23 @@ def _train(store, registry, model_name, settings: TrainSettings, log) -> RunResu
         else:
             store.finish_run(run_id, "failed", error=message, phase="failed")
         raise
+    finally:
+        if sampler is not None:
+            sampler.close()
+
+
+def _sampling_report(sampler, log) -> dict:
+    """Which sampler each phase used, with its counts (stored in the run's metrics, and logged)."""
+    report = sampler.report()
+    for phase, counts in report.items():
+        where = counts["sampler"] + (f" ({counts['engine']} at {counts['url']}, {counts['requests']} requests)"
+                                     if counts["sampler"] == "openai" else "")
+        log(f"train: {phase}: {counts['answers']} answers, {where}, {counts['seconds']:.1f} s")
+    return report
 
 
 def _estimate(store, run_id: int, progress: Progress, engine, method: str, data: Data, settings: TrainSettings,
-              has_live: bool, load_s: float, log) -> tuple[TrainSettings, Data]:
+              has_live: bool, sampler, load_s: float, log) -> tuple[TrainSettings, Data]:
     """The run's cost, stated before it trains (`cost`): unit costs measured on the loaded model x the
     run's work, fitted to `--budget` (fewer prompts or steps), stored with the run and logged.
     Raises OverBudget (the estimate stored) when the run cannot be cut to fit."""
@@ -213,7 +237,7 @@ def _estimate(store, run_id: int, progress: Progress, engine, method: str, data:
     from chatapp.learning import cost
 
     progress.start("measuring what the run will cost", 0)
-    units = cost.calibrate(engine.model, engine.processor, method, data, settings, load_s)
+    units = cost.calibrate(engine.model, engine.processor, method, data, settings, load_s, sampler=sampler)
     shape = cost.Shape.of(method, data, len(_probe(engine, settings)), has_live)
     try:
         settings, shape, estimate = cost.fit(shape, settings, units, settings.budget_min)
@@ -247,7 +271,7 @@ def _load_base(model_name: str | None, settings: TrainSettings):
 
 
 def _judge(model, processor, candidates: list[str], engine, settings: TrainSettings, data: Data, scorer,
-           has_live: bool, log) -> dict[str, dict]:
+           has_live: bool, log, sampler=None) -> dict[str, dict]:
     """The gate's verdict on each candidate, name -> verdict; the live policy is measured once, then
     every candidate against it."""
     from chatapp.learning import gate
@@ -262,7 +286,7 @@ def _judge(model, processor, candidates: list[str], engine, settings: TrainSetti
         verdicts[name] = gate.decide(model, processor, candidate=name, live="live" if has_live else None,
                                      held_kto=data.kto_held.rows, held_dpo=data.dpo_held.rows, probe=probe,
                                      settings=gate_settings, scorer=scorer, style_prompts=held_prompts,
-                                     live_metrics=live_metrics, log=log)
+                                     live_metrics=live_metrics, log=log, sampler=sampler)
         live_metrics = verdicts[name]["live"]
     return verdicts
 

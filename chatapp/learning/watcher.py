@@ -127,8 +127,9 @@ def replay(label_times: list[float], settings: WatchSettings, run_s: float, unti
 
 
 def watch(data_dir, model_name: str | None, train_settings, settings: WatchSettings, log=print,
-          stop: threading.Event | None = None) -> None:
-    """The loop of `train --watch`: poll, train when due, repeat until `stop` or the parent is gone."""
+          stop: threading.Event | None = None, backend=None) -> None:
+    """The loop of `train --watch`: poll, train when due, repeat until `stop` or the parent is gone.
+    `backend`: where each run samples its answers (`train --backend openai`; None: in this process)."""
     from chatapp.learning.registry import Registry
     from chatapp.learning.data import NotEnoughFeedback
     from chatapp.learning.trainer import TrainingBusy, train
@@ -165,7 +166,7 @@ def watch(data_dir, model_name: str | None, train_settings, settings: WatchSetti
         log(f"watch: {message}")
         run_id = None
         try:
-            result = train(store, registry, model_name, train_settings, log=log)
+            result = train(store, registry, model_name, train_settings, log=log, backend=backend)
             run_id = result.run_id
             blocked_at = None
             status("idle", f"run {result.run_id}: {result.decision} ({result.reason})")

@@ -113,6 +113,15 @@ class OpenAIBackend:
                                                      timeout_s=CONNECT_TIMEOUT_S)) from None
         return self._engine
 
+    def ping(self) -> None:
+        """Raise BackendError unless the server answers at all (any HTTP status will do)."""
+        try:
+            # the API root, not /models: transformers serve answers /models by scanning its cache (a 500 offline)
+            self.client.get(self.url, timeout=CONNECT_TIMEOUT_S)
+        except httpx.TransportError as error:
+            raise BackendError(transport_message(self.url, error, streaming=False,
+                                                 timeout_s=CONNECT_TIMEOUT_S)) from None
+
     def remote_path(self, path) -> str:
         """A local path as the server sees it (`--backend-path-map`)."""
         local = str(Path(path).resolve())
@@ -278,15 +287,20 @@ class OpenAIBackend:
         with self._lock:
             spare = sorted((v for v in self._loaded if v not in keep), key=lambda v: self._last_used.get(v, 0.0))
             drop = spare[:max(0, len(spare) - KEEP_RECENT_VERSIONS)]
-            names = {version: self._loaded.pop(version) for version in drop}
-            for version in drop:
-                self._last_used.pop(version, None)
-        for version, name in names.items():
-            if self.engine() == "vllm":  # transformers serve frees idle models itself (--model-timeout)
-                try:
-                    self.client.post(self.url + "/unload_lora_adapter", json={"lora_name": name})
-                except httpx.TransportError:
-                    pass  # the server is gone; so is what it had loaded
+        for version in drop:
+            self.unload(version)
+
+    def unload(self, version: str) -> None:
+        """Drop `version` from the server now (vLLM); transformers serve frees idle models itself
+        (--model-timeout). A version not loaded is left alone."""
+        with self._lock:
+            name = self._loaded.pop(version, None)
+            self._last_used.pop(version, None)
+        if name is not None and self.engine() == "vllm":
+            try:
+                self.client.post(self.url + "/unload_lora_adapter", json={"lora_name": name})
+            except httpx.TransportError:
+                pass  # the server is gone; so is what it had loaded
 
     def _forget(self, version: str) -> None:
         with self._lock:

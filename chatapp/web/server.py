@@ -15,7 +15,8 @@ Invariants:
   warning, not a failed start: each message says so until it is back.
 - Unless `--adapter` pins a version, the server follows the registry's active pointer (`hotswap`),
   and unless `--no-trainer`, a background trainer runs beside it in its own process (`watcher`),
-  training the same model the server serves.
+  training the same model the server serves (with `--backend openai`, sampling its answers on the same
+  model server, with the same --backend-* flags).
 """
 from __future__ import annotations
 
@@ -71,6 +72,10 @@ def serve(args) -> int:
         watch_args = ["--train-after", str(args.train_after)]
         if args.train_every:
             watch_args += ["--train-every", str(args.train_every)]
+        if getattr(args, "backend", "inprocess") == "openai":  # its sampling goes to the same server as the chat
+            from chatapp.learning.sampler import BackendSpec
+
+            watch_args += BackendSpec.from_args(args).as_flags()
         supervisor = TrainerSupervisor(data, engine.model_id, watch_args + shlex.split(args.trainer_args)).start()
         atexit.register(supervisor.stop)
     service = ChatService(engine, store, registry)
