@@ -15,13 +15,27 @@ identical (they must be: greedy output does not depend on the cache).
 Image detail (issue 13 item 2): the conversations above see the image at detail=high (17 frames).
 Each repeat also asks the same first turn at detail=low (one 512 px frame, 64 image tokens) on the
 plain path, and the bench prints first-turn TTFT at low / at high on the same model (goal <= 0.15).
+
+Many chatters (issue 13 item 3): N chatters (--chatters, 8) each send their own image at
+detail=low with "Describe the image." at the same moment, through `Engine.stream` from N threads
+(the engine's own concurrency, not the web server's), replies fixed at --chatter-tokens (64)
+tokens; once with batching (the decode steps of all replies in one forward pass,
+serving/batching.py) and once with `engine.batching = False` (one reply at a time, the others
+queue: the plain library call). One chatter alone, on the batched path, is the baseline. TTFT is
+measured by the caller, from calling `stream` to its first token. Prints the aggregate tokens/s of
+N chatters / one chatter (goal >= 3) and their p95 TTFT / one chatter's (goal <= 2), for both paths.
+
+    python bench/serving.py --sections chatters   # that section only (its results are printed, not saved)
 """
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +51,9 @@ from chatapp.serving.engine import Engine  # noqa: E402
 CACHE = ROOT / "bench" / "cache"
 GOAL = 0.1  # follow-up TTFT / first-turn TTFT with the cache (issue 13)
 DETAIL_GOAL = 0.15  # first-turn TTFT at detail=low / at detail=high (issue 13)
+CHATTERS_THROUGHPUT_GOAL = 3.0  # aggregate tokens/s of N chatters / one chatter (issue 13)
+CHATTERS_TTFT_GOAL = 2.0  # p95 TTFT of N chatters / one chatter's (issue 13)
+SECTIONS = ("follow-ups", "chatters")
 
 
 def conversation_ttfts(engine: Engine, image, tokens: int,
@@ -66,11 +83,110 @@ def first_turn_at(engine: Engine, image, tokens: int, detail: str) -> tuple[floa
     return reply.meta.time_to_first_token_s, reply.meta.prompt_tokens
 
 
+def p95(values: list[float]) -> float:
+    """The nearest-rank 95th percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def chatters_at_once(engine: Engine, images: list, tokens: int) -> tuple[float, list[float], float | None]:
+    """Each image's chatter asks at the same moment, each in its own thread; (aggregate tokens/s from
+    the first request to the last token, TTFTs, decode tokens/s while every chatter was decoding:
+    None where that window is empty, as when replies run one at a time)."""
+    params = validate_generation(temperature=0, max_new_tokens=tokens, image_detail="low")
+    results, errors = [None] * len(images), []
+    start = threading.Barrier(len(images))
+
+    def chatter(index: int) -> None:
+        conversation = [{"role": "user", "content": [{"type": "image", "image": images[index]},
+                                                     {"type": "text", "text": "Describe the image."}]}]
+        try:
+            start.wait()
+            asked, times, count = time.perf_counter(), [], 0
+            for event in engine.stream(conversation, params, generate_overrides={"min_new_tokens": tokens}):
+                times += event.token_times
+                count = event.tokens
+            results[index] = (asked, times, time.perf_counter(), count)
+        except Exception as error:  # reported below: a benchmark with a failed chatter measures nothing
+            errors.append(error)
+
+    threads = [threading.Thread(target=chatter, args=(i,)) for i in range(len(images))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    assert all(count == tokens for *_, count in results), "every reply must have exactly --chatter-tokens tokens"
+    span = max(end for _, _, end, _ in results) - min(asked for asked, *_ in results)
+    # decode alone: from the last chatter's first token (every one decoding) to the first chatter's last
+    start, end = max(times[0] for _, times, *_ in results), min(times[-1] for _, times, *_ in results)
+    inside = sum(start < t <= end for _, times, *_ in results for t in times)
+    decode = inside / (end - start) if end > start and inside else None
+    return len(images) * tokens / span, [times[0] - asked for asked, times, *_ in results], decode
+
+
+def many_chatters(engine: Engine, chatters: int, tokens: int, repeats: int) -> tuple[dict, list[str]]:
+    """The many-chatters section: figures and table lines."""
+    scene_seed = iter(range(1000, 100000))  # a new picture for every request: no chatter reuses image features
+
+    def new_images(n):
+        return [shapes.render(shapes.random_scene(random.Random(next(scene_seed)))) for _ in range(n)]
+
+    engine.batching = True
+    single = [chatters_at_once(engine, new_images(1), tokens) for _ in range(repeats)]
+    single_rate = statistics.median(rate for rate, *_ in single)
+    single_ttft = p95([ttft for _, ttfts, _ in single for ttft in ttfts])
+    single_decode = statistics.median(decode for *_, decode in single)
+    print(f"  one chatter: {single_rate:.1f} tokens/s, p95 TTFT {single_ttft:.2f} s, decode {single_decode:.1f} "
+          "tokens/s", flush=True)
+    figures = {"chatters": chatters, "tokens": tokens, "repeats": repeats,
+               "one": {"tokens_per_s": single_rate, "p95_ttft_s": single_ttft, "decode_tokens_per_s": single_decode,
+                       "runs": single}}
+    table = [f"| {chatters} chatters at once | aggregate tokens/s | / one chatter (goal >= {CHATTERS_THROUGHPUT_GOAL}) "
+             f"| p95 TTFT | / one chatter (goal <= {CHATTERS_TTFT_GOAL}) | decode tokens/s, all decoding "
+             "| / one chatter |", "|---|---|---|---|---|---|---|",
+             f"| one chatter | {single_rate:.1f} | 1 | {single_ttft:.2f} s | 1 | {single_decode:.1f} | 1 |"]
+    for path, batching in (("batched", True), ("one at a time", False)):
+        engine.batching = batching
+        engine.batcher.largest_batch = 0
+        runs = [chatters_at_once(engine, new_images(chatters), tokens) for _ in range(repeats)]
+        rate = statistics.median(r for r, *_ in runs)
+        ttft = p95([t for _, ttfts, _ in runs for t in ttfts])
+        decodes = [d for *_, d in runs if d is not None]
+        decode = statistics.median(decodes) if decodes else None
+        figures[path] = {"tokens_per_s": rate, "p95_ttft_s": ttft, "throughput_ratio": rate / single_rate,
+                         "ttft_ratio": ttft / single_ttft, "decode_tokens_per_s": decode,
+                         "decode_ratio": decode / single_decode if decode else None,
+                         "largest_batch": engine.batcher.largest_batch, "runs": runs}
+        decoded = f"{decode:.1f} tokens/s ({decode / single_decode:.2f}x)" if decode else "never all at once"
+        print(f"  {chatters} chatters, {path}: {rate:.1f} tokens/s in all ({rate / single_rate:.2f}x one chatter), "
+              f"p95 TTFT {ttft:.2f} s ({ttft / single_ttft:.2f}x); decode with all decoding: {decoded}; "
+              f"largest batch {engine.batcher.largest_batch}", flush=True)
+        table.append(f"| {path} | {rate:.1f} | {rate / single_rate:.2f} | {ttft:.2f} s | {ttft / single_ttft:.2f} | "
+                     + (f"{decode:.1f} | {decode / single_decode:.2f} |" if decode else "- | - |"))
+    engine.batching = True
+    batched = figures["batched"]
+    print(f"{chatters} chatters / one, batched: aggregate tokens/s {batched['throughput_ratio']:.2f}x "
+          f"(goal >= {CHATTERS_THROUGHPUT_GOAL}: "
+          f"{'met' if batched['throughput_ratio'] >= CHATTERS_THROUGHPUT_GOAL else 'NOT met'}), "
+          f"p95 TTFT {batched['ttft_ratio']:.2f}x (goal <= {CHATTERS_TTFT_GOAL}: "
+          f"{'met' if batched['ttft_ratio'] <= CHATTERS_TTFT_GOAL else 'NOT met'})")
+    return figures, table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16, help="tokens per reply")
     parser.add_argument("--repeats", type=int, default=1, help="conversations per path (~80 s each on 2 CPU cores)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, of {', '.join(SECTIONS)} (results are saved when all ran)")
+    parser.add_argument("--chatters", type=int, default=8, help="concurrent chatters in the many-chatters section")
+    parser.add_argument("--chatter-tokens", type=int, default=64, help="tokens per reply in the many-chatters section")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        parser.error(f"--sections: {', '.join(sorted(sections - set(SECTIONS)))} is none of {', '.join(SECTIONS)}")
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -83,6 +199,14 @@ def main() -> None:
     # the process's first generation pays one-time setup: a short text reply takes it, not the first measured turn
     engine.generate([{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
                     validate_generation(temperature=0, max_new_tokens=2))
+    chatters = None
+    if "chatters" in sections:
+        print(f"many chatters: {args.chatters} at once vs one, detail=low, {args.chatter_tokens}-token replies, "
+              f"{args.repeats} repeat(s)", flush=True)
+        chatters = many_chatters(engine, args.chatters, args.chatter_tokens, args.repeats)
+    if "follow-ups" not in sections:
+        print("(a partial run: results printed, not saved)")
+        return
     runs = {"plain": [], "cached": []}
     low_runs, low_tokens = [], 0
     identical = True
@@ -129,6 +253,12 @@ def main() -> None:
               f"| low (1 frame) | {low:.2f} s | {low_tokens} |",
               f"| high (17 frames) | {high:.2f} s | {high_tokens} |",
               f"| low / high | {detail_ratio:.3f} (goal <= {DETAIL_GOAL}) | |"]
+    if chatters is not None:
+        figures["many_chatters"] = chatters[0]
+        table += ["", *chatters[1]]
+    else:
+        print("(the many-chatters section did not run: results printed, not saved)")
+        return
     save_results("serving", figures, table,
                  f"SmolVLM-sized random model, one 17-frame image, {args.tokens}-token greedy replies, medians of "
                  f"{args.repeats}. Goal: follow-up / first turn <= {GOAL} with the cache. Replies identical with "

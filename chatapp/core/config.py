@@ -124,11 +124,18 @@ STALE_TEMP_FILE_S = 600  # a `.tmp-*` file in the images folder this old was lef
 # nine such conversations. 0 turns the cache off.
 SERVING_CACHE_BYTES = 512 * 2**20
 
+# Concurrent replies share the model (serving/batching.py): their decode steps run as one batch of
+# at most MAX_BATCH_SIZE rows; more requests wait for a row. BATCHING = False serves one reply at a
+# time (each holds the model for its whole length, through `generate()`).
+BATCHING = True
+MAX_BATCH_SIZE = 8
+
 # Web server limits: waiting requests beyond QUEUE_MAX_SIZE are refused with "queue full";
-# generation events run CHAT_CONCURRENCY at a time (the engine itself generates one reply at a
-# time per model, the rest wait for it), quick events (votes, lists) FEEDBACK_CONCURRENCY at a time.
+# generation events run CHAT_CONCURRENCY at a time (as many as the engine batches: their decode
+# steps share forward passes; with BATCHING off it generates one reply at a time, the rest wait for
+# it), quick events (votes, lists) FEEDBACK_CONCURRENCY at a time.
 QUEUE_MAX_SIZE = 64
-CHAT_CONCURRENCY = 4
+CHAT_CONCURRENCY = MAX_BATCH_SIZE
 FEEDBACK_CONCURRENCY = 8
 
 

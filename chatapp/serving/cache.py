@@ -198,9 +198,10 @@ class Plan:
     digests: list[str]
     spans: list[tuple[int, int]]
 
-    def finish(self, sequences) -> None:
-        """Store the cache generate() grew, keyed by the tokens it holds (`sequences`: generate's output)."""
-        cache = self.kwargs["past_key_values"]
+    def finish(self, sequences, cache=None) -> None:
+        """Store the cache generate() grew, keyed by the tokens it holds (`sequences`: generate's output).
+        `cache`: the reply's own cache where it is not the one planned (the batcher's copy of its row)."""
+        cache = cache if cache is not None else self.kwargs["past_key_values"]
         length = cache.get_seq_length()
         if not reusable(cache) or length > sequences.shape[1]:
             return

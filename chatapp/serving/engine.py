@@ -7,8 +7,17 @@ Invariants:
 - Models load through `loading.load_model` (any Hugging Face image-text-to-text model, from a hub
   id, a local folder or 'demo'); conversations are checked and trimmed by `messages`, tokens
   handed over and stopped by `streaming`.
-- One generation at a time per loaded model (`Engine._lock`); other callers wait their turn.
-  The seed is set under that lock, so a seeded reply does not depend on other threads.
+- Concurrent replies share the model (`self.batching`, default `config.BATCHING`): their decode
+  steps run in one batch (serving/batching.py, at most `self.batcher.max_batch_size` rows, later
+  requests wait); each reply keeps its adapter version, sampling settings and seed (its own
+  torch.Generator), and greedy replies are those generated alone up to float reassociation (see
+  batching.py). With `batching` False (or a reply batching.py cannot batch: another cache than
+  full attention, generation-config processors it does not apply, generate() overrides other than
+  min_new_tokens) a generation runs through generate(), holding `Engine._lock` for the whole
+  reply, batched steps waiting meanwhile; the seed is set under that lock, so a seeded reply does
+  not depend on other threads. `batching` can be switched at any time; it applies to replies that
+  start later.
+- `Engine._lock` guards the model: adapters load under it, and batched steps each take it.
 - Conversations reach the model's own chat template with `content` always a list of parts.
 - When a conversation is longer than the context, the oldest turns go first; the system prompt
   and the newest user turn are always kept, and the reply's metadata says how many were dropped.
@@ -40,12 +49,13 @@ from chatapp.core import config
 from chatapp.core.config import GenerationParams, ParameterError
 from chatapp.core.errors import EngineError, ModelLoadError  # noqa: F401 (re-exported)
 from chatapp.serving.backend import AdapterLoadError  # noqa: F401 (re-exported: peft refused a version)
+from chatapp.serving.batching import Batcher, Prefill, Request, cache_batchable
 from chatapp.serving.cache import ServingCache, plan as plan_cached
 from chatapp.serving.loading import load_model
 from chatapp.serving.messages import (image_detail_kwargs, normalize_messages, oldest_turn_length,
                                       resolve_image_detail, split_system)
-from chatapp.serving.streaming import (IncrementalDecoder, Reply, ReplyMeta, StopSignal, StreamEvent, TokenQueue,
-                                       seed_sampling)
+from chatapp.serving.row_sampling import settings_batchable
+from chatapp.serving.streaming import Reply, StopSignal, StreamEvent, TokenQueue, relay, seed_sampling
 
 
 MAX_LOADED_ADAPTERS = 8  # LoRA weights kept in memory for A/B and quick switches; the oldest go first
@@ -71,6 +81,9 @@ class Engine:
         # slow each other 2-3x on a 2-core machine (their OpenMP teams compete; measured), so the
         # web server's many request threads never run the model themselves.
         self.generation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatapp-generate")
+        # where a reply that cannot be batched runs while the batcher's loop holds generation_thread
+        # (the loop waits for the model lock meanwhile: one of the two runs torch ops at a time)
+        self._side_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatapp-generate-side")
         text_config = getattr(model.config, "text_config", model.config)
         model_context = getattr(text_config, "max_position_embeddings", None) or 4096
         self.max_context_tokens = min(max_context_tokens or model_context, model_context)
@@ -84,6 +97,12 @@ class Engine:
         self.cache = ServingCache(config.SERVING_CACHE_BYTES)  # None: every reply computes its whole prompt
         self.image_detail = config.IMAGE_DETAIL.default  # what a request's "auto" means here ("auto": by device)
         self._prompt_images: list = []  # the images of the prompt prepare() built last, in order
+        generation_eos = model.generation_config.eos_token_id  # where generate() stops; batched rows stop alike
+        self.batcher = Batcher(lambda: self.model, self._lock, self.generation_thread,
+                               list(generation_eos) if isinstance(generation_eos, list)
+                               else [generation_eos] if generation_eos is not None else [])
+        self.batching = config.BATCHING  # False: one reply at a time, through generate()
+        self._cache_batchable = cache_batchable(model)
 
     @property
     def device(self):
@@ -125,7 +144,8 @@ class Engine:
             self.model.set_adapter(version)
             self.model.eval()
         self._last_used[version] = time.monotonic()
-        self._unload_extra(keep={version, self.adapter, self._loaded_default})
+        # never a version a batched reply is answering from (a hot-swap leaves those running)
+        self._unload_extra(keep={version, self.adapter, self._loaded_default} | self.batcher.versions_in_use())
 
     def _load_adapter(self, version: str, path) -> None:
         """Load a validated version folder into peft. A folder peft refuses (e.g. target modules the base
@@ -234,9 +254,13 @@ class Engine:
         """Stream a reply to the conversation. Closing the iterator early stops the generation.
         `adapter`: the version to answer from (None = the base); by default the engine's current one,
         read when the generation starts. `generate_overrides` adds raw `generate()` arguments
-        (benchmarks use it to fix the length)."""
+        (benchmarks use it to fix the length; batched replies take `min_new_tokens` only)."""
         params = self.resolved(params or GenerationParams())
         stop = stop or StopSignal()
+        if self.batching and self._cache_batchable and settings_batchable(self.model.generation_config) \
+                and set(generate_overrides or {}) <= {"min_new_tokens"}:
+            yield from self._stream_batched(messages, params, system_prompt, stop, generate_overrides or {}, adapter)
+            return
         with self._lock:
             started = time.perf_counter()
             version = self.adapter if adapter is DEFAULT_ADAPTER else adapter
@@ -252,28 +276,16 @@ class Engine:
                 import torch
 
                 try:
-                    inputs, prepared["dropped"], max_new_tokens = self.prepare(messages, params, system_prompt)
-                    device = self.model.device
-                    if device.type != "cpu":  # the processor's tensors are on the CPU already
-                        inputs = inputs.to(device)
-                    if "pixel_values" in inputs:
-                        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-                    prepared["prompt_tokens"] = int(inputs["input_ids"].shape[1])
-                    prepared["images"] = len(self._prompt_images)
+                    inputs, max_new_tokens = self._model_inputs(messages, params, system_prompt, prepared)
                     kwargs = dict(inputs, **config.sampling_kwargs(params), streamer=streamer,
                                   stopping_criteria=[stop], pad_token_id=self._pad_id)
                     kwargs["max_new_tokens"] = max_new_tokens
                     kwargs.update(generate_overrides or {})
-                    seed_sampling(device, seed)
+                    seed_sampling(inputs["input_ids"].device, seed)
                     base_only = self.model.disable_adapter() if self._peft and version is None \
                         else contextlib.nullcontext()
                     with torch.inference_mode(), base_only:
-                        # The same prompt, from the longest prefix this adapter version (named and where
-                        # it was loaded from) computed before.
-                        weights = (version, str(self._paths.get(version)) if version is not None else None)
-                        cached = self.cache is not None and plan_cached(self.cache, self.model, self.processor, inputs,
-                                                                        self._prompt_images, weights,
-                                                                        image_detail=params.image_detail)
+                        cached = self._plan(inputs, version, params)
                         if cached:
                             kwargs = {k: v for k, v in kwargs.items() if k not in inputs} | cached.kwargs
                         output = self.model.generate(**kwargs)
@@ -282,47 +294,69 @@ class Engine:
                 finally:
                     streamer.end()
 
-            job = self.generation_thread.submit(run)
-            decoder = IncrementalDecoder(self.processor.tokenizer)
-            text, count, first_at, last_at, last_id = "", 0, None, None, None
-            completed = False
-            try:
-                done = False
-                while not done:
-                    items, done = streamer.take()
-                    if not items:
-                        continue
-                    ids = [i for _, batch in items for i in batch]
-                    first_at = first_at or items[0][0]
-                    last_at, last_id = items[-1][0], ids[-1]
-                    count += len(ids)
-                    delta = decoder.push(ids)
-                    if not text:  # replies start with a space after "Assistant:"
-                        delta = delta.lstrip()
-                    text += delta
-                    yield StreamEvent(delta=delta, text=text, tokens=count,
-                                      token_times=[t for t, batch in items for _ in batch])
-                completed = True
-            finally:
-                if not completed:  # the consumer left early (closed generator): end generation now
-                    stop.set()
-                failure = job.exception()  # waits for generate() to return
-            if isinstance(failure, ParameterError):  # the conversation does not fit: the user's to fix
-                raise failure
-            if failure is not None:
-                raise EngineError(f"generation failed: {failure}") from failure
-            finish = "stop" if last_id in self._eos_ids else "stopped" if stop.is_set() else "length"
-            ended = time.perf_counter()
-            decode_s = (last_at - first_at) if first_at and last_at else 0.0
-            meta = ReplyMeta(
-                model_id=self.model_id, adapter=version, params=params.as_dict(), seed=seed,
-                prompt_tokens=prepared["prompt_tokens"], reply_tokens=count,
-                time_to_first_token_s=(first_at - started) if first_at else None,
-                tokens_per_s=((count - 1) / decode_s) if count > 1 and decode_s > 0 else None,
-                total_s=ended - started, trimmed_messages=prepared["dropped"], finish_reason=finish,
-                stop_requested_at_token=stop.requested_at_token, images=prepared.get("images", 0),
-            )
-        yield StreamEvent(delta="", text=text.rstrip(), tokens=count, done=True, meta=meta)
+            job = self.batcher.submit_unbatched(run, self._side_thread)  # never behind the batcher's loop
+            final = yield from relay(streamer, stop, job.exception, self.processor.tokenizer, self._eos_ids, started,
+                                     prepared, model_id=self.model_id, adapter=version, params=params.as_dict(),
+                                     seed=seed)
+        yield final  # with the model free again: a caller acting on the end never waits for this reply
+
+    def _model_inputs(self, messages, params: GenerationParams, system_prompt, prepared: dict):
+        """The prompt's model inputs on the model's device, and the reply's max_new_tokens; records
+        the prompt's size in `prepared`. Runs on the generation thread."""
+        inputs, prepared["dropped"], max_new_tokens = self.prepare(messages, params, system_prompt)
+        device = self.model.device
+        if device.type != "cpu":  # the processor's tensors are on the CPU already
+            inputs = inputs.to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        prepared["prompt_tokens"] = int(inputs["input_ids"].shape[1])
+        prepared["images"] = len(self._prompt_images)
+        return inputs, max_new_tokens
+
+    def _plan(self, inputs, version, params: GenerationParams):
+        """The same prompt, from the longest prefix this adapter version (named and where it was loaded
+        from) computed before; None: the whole prompt (no cache, or a layout it does not know)."""
+        weights = (version, str(self._paths.get(version)) if version is not None else None)
+        return self.cache is not None and plan_cached(self.cache, self.model, self.processor, inputs,
+                                                      self._prompt_images, weights,
+                                                      image_detail=params.image_detail)
+
+    def _stream_batched(self, messages, params: GenerationParams, system_prompt, stop: StopSignal,
+                        overrides: dict, adapter) -> Iterator[StreamEvent]:
+        """`stream` through the batcher: the reply's decode steps share forward passes with other replies.
+        Its time to first token counts from this call: waiting for a row and for the prefills queued
+        before it included (there is no lock to wait for first)."""
+        started = time.perf_counter()
+        with self._lock:  # adapters load under the model lock, between batched steps
+            version = self.adapter if adapter is DEFAULT_ADAPTER else adapter
+            version = self._select_for_request(version, named=version != self.adapter)
+        seed = params.seed if params.seed is not None else secrets.randbelow(config.SEED_MAX)
+        prepared: dict = {}
+
+        def prepare() -> Prefill:  # on the generation thread, under the model lock and this reply's adapter
+            from transformers import DynamicCache
+
+            inputs, max_new_tokens = self._model_inputs(messages, params, system_prompt, prepared)
+            cached = self._plan(inputs, version, params)
+            if cached:
+                extra = {k: v for k, v in cached.kwargs.items()
+                         if k not in ("input_ids", "attention_mask", "past_key_values")}
+                return Prefill(inputs["input_ids"], cached.kwargs["past_key_values"], extra, max_new_tokens,
+                               on_finish=lambda ids, cache: cached.finish(ids, cache))
+            extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+            return Prefill(inputs["input_ids"], DynamicCache(config=self.model.config), extra, max_new_tokens)
+
+        streamer = TokenQueue(stop)
+        request = Request(prepare, version, params, seed, stop, streamer,
+                          min_new_tokens=int(overrides.get("min_new_tokens") or 0))
+        self.batcher.submit(request)
+
+        def failure():
+            request.finished.wait()
+            return request.error
+
+        yield (yield from relay(streamer, stop, failure, self.processor.tokenizer, self._eos_ids, started, prepared,
+                                model_id=self.model_id, adapter=version, params=params.as_dict(), seed=seed))
 
     def generate(self, messages: list[dict], params: GenerationParams | None = None, **kwargs) -> Reply:
         """The whole reply at once (same path as `stream`)."""

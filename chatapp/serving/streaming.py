@@ -12,6 +12,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from chatapp.core.config import ParameterError
+from chatapp.core.errors import EngineError
+
 
 def seed_sampling(device, seed: int) -> None:
     """Seed the generator that sampling on `device` draws from. On the CPU only the CPU generator:
@@ -77,7 +80,10 @@ class TokenQueue:
         if not self._prompt_seen:  # generate() first passes the prompt
             self._prompt_seen = True
             return
-        ids = value.reshape(-1).tolist()
+        self.push(value.reshape(-1).tolist())
+
+    def push(self, ids: list[int]) -> None:
+        """Hand over new token ids (what `put` does after the prompt; the batcher calls it directly)."""
         now = time.perf_counter()
         self.signal.produced += len(ids)
         with self._lock:
@@ -171,3 +177,49 @@ class Reply:
                 return cls(text=event.text, meta=event.meta, events=events)
         raise error
 
+
+def relay(streamer: "TokenQueue", stop: StopSignal, failure, tokenizer, eos_ids, started: float, prepared: dict,
+          **reply_fields):
+    """Yields a reply's events from its token queue; returns its last event, with the metadata
+    (`reply_fields`: model_id, adapter, params, seed; `prepared`: the prompt's size, filled in by the
+    generation thread). `failure()` waits for the generation to end and returns its exception (None: none).
+    A consumer that leaves early stops the generation."""
+    decoder = IncrementalDecoder(tokenizer)
+    text, count, first_at, last_at, last_id = "", 0, None, None, None
+    completed = False
+    try:
+        done = False
+        while not done:
+            items, done = streamer.take()
+            if not items:
+                continue
+            ids = [i for _, batch in items for i in batch]
+            first_at = first_at or items[0][0]
+            last_at, last_id = items[-1][0], ids[-1]
+            count += len(ids)
+            delta = decoder.push(ids)
+            if not text:  # replies start with a space after "Assistant:"
+                delta = delta.lstrip()
+            text += delta
+            yield StreamEvent(delta=delta, text=text, tokens=count,
+                              token_times=[t for t, batch in items for _ in batch])
+        completed = True
+    finally:
+        if not completed:  # the consumer left early (closed generator): end generation now
+            stop.set()
+        error = failure()  # waits for the generation to end
+    if isinstance(error, ParameterError):  # the conversation does not fit: the user's to fix
+        raise error
+    if error is not None:
+        raise EngineError(f"generation failed: {error}") from error
+    finish = "stop" if last_id in eos_ids else "stopped" if stop.is_set() else "length"
+    ended = time.perf_counter()
+    decode_s = (last_at - first_at) if first_at and last_at else 0.0
+    meta = ReplyMeta(
+        **reply_fields, prompt_tokens=prepared.get("prompt_tokens", 0), reply_tokens=count,
+        time_to_first_token_s=(first_at - started) if first_at else None,
+        tokens_per_s=((count - 1) / decode_s) if count > 1 and decode_s > 0 else None,
+        total_s=ended - started, trimmed_messages=prepared.get("dropped", 0), finish_reason=finish,
+        stop_requested_at_token=stop.requested_at_token, images=prepared.get("images", 0),
+    )
+    return StreamEvent(delta="", text=text.rstrip(), tokens=count, done=True, meta=meta)
