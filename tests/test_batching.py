@@ -218,3 +218,14 @@ def test_a_request_arriving_mid_flight_starts_and_ends_before_the_running_reply_
     assert any(short_times[0] < t < short_times[-1] for t in long_times)
     assert short[-1].text == alone(engine, conversation(41), short_params,
                                    generate_overrides={"min_new_tokens": 8}).text
+
+
+def test_a_batched_reply_honours_the_models_own_min_new_tokens():
+    # a model whose generation config says min_new_tokens: generate() honours it, so must a batched row
+    # (test_faults_chat's slow model ended its answer at once when batched, before this was mended)
+    engine = Engine.load("demo")
+    engine.model.generation_config.min_new_tokens = 40
+    params = validate_generation(temperature=0, max_new_tokens=60)
+    batched = engine.generate(conversation(70), params)
+    assert batched.meta.reply_tokens >= 40
+    assert batched.text == alone(engine, conversation(70), params).text

@@ -348,7 +348,9 @@ class Engine:
 
         streamer = TokenQueue(stop)
         request = Request(prepare, version, params, seed, stop, streamer,
-                          min_new_tokens=int(overrides.get("min_new_tokens") or 0))
+                          # as generate(): an override, else the model's generation config (a model may set it)
+                          min_new_tokens=int(overrides.get("min_new_tokens")
+                                             or getattr(self.model.generation_config, "min_new_tokens", None) or 0))
         self.batcher.submit(request)
 
         def failure():
