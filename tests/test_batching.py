@@ -229,3 +229,14 @@ def test_a_batched_reply_honours_the_models_own_min_new_tokens():
     batched = engine.generate(conversation(70), params)
     assert batched.meta.reply_tokens >= 40
     assert batched.text == alone(engine, conversation(70), params).text
+
+
+def test_which_generation_configs_are_batched():
+    from transformers import GenerationConfig
+
+    from chatapp.serving.row_sampling import settings_batchable
+
+    assert settings_batchable(GenerationConfig())
+    assert settings_batchable(GenerationConfig(repetition_penalty=1.0, no_repeat_ngram_size=0))  # spelled-out neutral
+    assert not settings_batchable(GenerationConfig(repetition_penalty=1.2))  # generate() would apply the model's own
+    assert not settings_batchable(GenerationConfig(no_repeat_ngram_size=3))

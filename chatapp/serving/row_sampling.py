@@ -13,12 +13,17 @@ Invariants:
 from __future__ import annotations
 
 # generation-config settings with which generate() adds a logits processor that rows here do not apply
-_OTHER_PROCESSOR_SETTINGS = ("no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "min_length", "suppress_tokens",
-                             "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "min_p", "top_h",
+# (repetition_penalty: a request at 1.0 does not pass it, so generate() would use the model's own)
+_OTHER_PROCESSOR_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "sequence_bias",
+                             "min_length", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "min_p", "top_h",
                              "typical_p", "epsilon_cutoff", "eta_cutoff", "exponential_decay_length_penalty",
                              "renormalize_logits", "guidance_scale", "watermarking_config", "stop_strings",
                              "encoder_repetition_penalty", "encoder_no_repeat_ngram_size")
 
+# values of those settings with which generate() adds no processor either (a model's config may spell them out)
+_NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+            "encoder_repetition_penalty": 1.0, "min_length": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+            "eta_cutoff": 0.0, "renormalize_logits": False, "guidance_scale": 1.0}
 
 _default_settings: dict | None = None
 
@@ -32,7 +37,8 @@ def settings_batchable(generation_config) -> bool:
 
         defaults = GenerationConfig()
         _default_settings = {name: getattr(defaults, name, None) for name in _OTHER_PROCESSOR_SETTINGS}
-    return all(getattr(generation_config, name, None) == default for name, default in _default_settings.items())
+    return all(getattr(generation_config, name, None) in (default, _NEUTRAL.get(name, default))
+               for name, default in _default_settings.items())
 
 
 class Row:
