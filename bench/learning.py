@@ -6,9 +6,14 @@ default recipe) -> gate -> registry; the answer is measured on what the registry
 active version, or the base when nothing was promoted). Printed per regime: the labels given, the
 held-out preference share before -> after (answers sampled at the users' temperature on 300 questions
 no chat used), greedy accuracy before -> after, the gate's decision with its reason, and the run's
-seconds.
+seconds. A rejected candidate (published, not served) is measured too, on the same questions, so the
+bench's greedy accuracy can be set beside the gate's probe.
 
     python bench/learning.py [--regime a[,b,...]|all|matrix] [--seed 21] [--no-save]
+                             [--lr RATE] [--epochs N] [--rs-extra-epochs N,N]
+
+The last three change the recipe (the trainer's flags of the same names) to measure a variant; a row
+trained with them says so, and its settings are in the JSON.
 """
 from __future__ import annotations
 
@@ -38,8 +43,17 @@ def row(r: dict) -> str:
     return (f"| {r['regime']}: {r['summary']} | {r['labels']} | {r['before']['preference']:.2f} → "
             f"{r['after']['preference']:.2f} ({target}) | {r['before']['greedy_accuracy']:.3f} → "
             f"{r['after']['greedy_accuracy']:.3f} | {'' if r['ok'] else '**target not met** '}{r['decision']} "
-            f"({r['method']}): {r['reason']} | "
+            f"({r['method']}): {r['reason']}{turned_down(r)} | "
             f"{r['seconds']:.0f} |")
+
+
+def turned_down(r: dict) -> str:
+    """The rejected candidate's own figures on the bench's questions (it is published, not served)."""
+    figures = r.get("rejected_candidate")
+    if not figures:
+        return ""
+    return (f" [the rejected candidate itself: preference {figures['preference']:.2f}, greedy accuracy "
+            f"{figures['greedy_accuracy']:.3f}]")
 
 
 def save(results: list[dict], merge: bool, items: int) -> None:
@@ -71,7 +85,14 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true",
                         help="keep the other regimes' rows of docs/results/learning.json (each row says when and "
                              "with which seed it ran), replacing only the regimes run now")
+    parser.add_argument("--lr", type=float, default=None, help="the candidates' learning rate (train --lr)")
+    parser.add_argument("--epochs", type=int, default=None, help="the first candidate's epochs (train --epochs)")
+    parser.add_argument("--rs-extra-epochs", default=None,
+                        help="the other candidates' epochs, comma-separated (train --rs-extra-epochs)")
     args = parser.parse_args()
+    variant = {k: v for k, v in (("learning_rate", args.lr), ("epochs", args.epochs),
+                                 ("rs_extra_epochs", args.rs_extra_epochs and tuple(
+                                     int(e) for e in args.rs_extra_epochs.split(",")))) if v is not None}
     names = {"matrix": list(regimes.MATRIX), "all": list(regimes.REGIMES)}.get(args.regime, args.regime.split(","))
     unknown = [n for n in names if n not in regimes.REGIMES]
     if unknown:
@@ -85,10 +106,12 @@ def main() -> None:
         regime = regimes.REGIMES[name]
         key = (regime.judge, regime.temperature)
         r = regimes.run(regime, root / name, args.seed, items, before=base_cache.get(key),
-                        settings=TrainSettings(priority=args.priority),
+                        settings=TrainSettings(priority=args.priority, **variant),
                         log=(lambda m: None) if quiet else (lambda m: print(m, flush=True)))
         base_cache[key] = r["before"]
-        r.update(seed=args.seed, finished_at=now_iso("seconds"), load_average=os.getloadavg()[0])
+        r.update(seed=args.seed, finished_at=now_iso("seconds"), load_average=os.getloadavg()[0], variant=variant)
+        if variant:
+            r["summary"] += " [" + ", ".join(f"{k} {v}" for k, v in variant.items()) + "]"
         results.append(r)
         shutil.rmtree(root / name, ignore_errors=True)
         print(row(r), flush=True)

@@ -143,6 +143,22 @@ def test_each_unmet_bar_rejects_with_its_reason(cand, live, rows, reason):
     assert verdict(cand, live, rows) == ("rejected", reason)
 
 
+def test_sampled_answers_must_beat_the_live_policy_beyond_chance():
+    live = {"sampled_per_prompt": [0.0] * 12, "sampled_score": 0.0}
+    # higher on every held-out prompt: Wilcoxon p = 1/4096
+    better = [0.1 * (i + 1) for i in range(12)]
+    assert verdict({"sampled_per_prompt": better, "sampled_score": sum(better) / 12}, live)[0] == "promoted"
+    # a higher mean carried by a few prompts, the rest a toss-up: could be sampling noise
+    mixed = [2.0, 1.5, -0.2, 0.3, -0.4, 0.1, -0.1, 0.2, -0.3, -0.2, 0.1, -0.1]
+    decision, reason = verdict({"sampled_per_prompt": mixed, "sampled_score": sum(mixed) / 12}, live)
+    assert decision == "rejected"
+    p_value = gate.signed_rank_p(mixed)
+    assert 0.05 < p_value < 0.5
+    assert reason == (f"sampled answers do not move toward the votes beyond chance (scorer reward 0.242 vs live "
+                      f"0.000, higher on 6 of 12 held-out prompts, p = {p_value:.2f} > 0.05)")
+    assert gate.signed_rank_p([0.0] * 5) == 1.0
+
+
 def test_every_unmet_bar_is_named_in_order():
     decision, reason = verdict({"auc": 0.5, "pair_accuracy": 0.5, "probe_accuracy": 0.5, "sampled_score": 0.0}, rows=3)
     assert decision == "rejected"

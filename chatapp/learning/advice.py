@@ -52,7 +52,10 @@ def advise(data, reason: str, metrics: dict | None = None, held_out_fraction: fl
     if "kept only" in reason:
         tips.append("the scorer found few sampled answers better than the voted ones: more liked answers "
                     "(thumbs up on answers in the wanted form) would help")
-    if "sampled answers do not move" in reason and not tips:
+    if "beyond chance" in reason and not tips:
+        tips.append(f"the candidate's answers moved too little to tell from sampling noise: more {kind} on new "
+                    f"prompts would help")
+    elif "sampled answers do not move" in reason and not tips:
         tips.append(f"the candidate's answers did not move toward the labels: more {kind} would help")
     return "; ".join(tips)
 

@@ -11,8 +11,13 @@ Invariants:
 - Behaviour: a vote-only metric passes a collapsed adapter, so the candidate must also keep its
   regression accuracy within `max_regression` of the live policy's (demo model: greedy accuracy on
   fixed shapes questions; other models: an optional JSONL of prompts, images and expected
-  keywords), and, when a scorer is given, its sampled answers on held-out prompts must score higher
-  than the live policy's.
+  keywords).
+- When a scorer is given, the candidate's sampled answers on held-out prompts must score higher than
+  the live policy's by more than chance: per held-out prompt, the mean scorer reward of the
+  candidate's answers minus the live policy's, one-sided Wilcoxon signed-rank p below
+  `max_sampled_p`. A gain that the held-out prompts cannot tell from sampling noise is not promoted
+  (regime b of the matrix: a candidate that moved the preference 0.35 -> 0.38 was promoted on a
+  higher mean alone).
 - The decision and every number behind it are returned, so the registry can record them; the
   decision is a pure function of those numbers and the settings (`verdict`).
 - The AUC's p-value is Mann-Whitney U's (scipy): exact for small samples without ties, otherwise
@@ -26,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from scipy.stats import binomtest, mannwhitneyu
+from scipy.stats import binomtest, mannwhitneyu, wilcoxon
 
 from chatapp.learning import modelops
 
@@ -43,6 +48,9 @@ class GateSettings:
     regression_set: str | None = None  # JSONL for models other than the demo model
     style_prompts: int = 48
     style_samples: int = 4
+    # the candidate's sampled answers must outscore the live policy's on held-out prompts this clearly
+    # (one-sided Wilcoxon signed-rank over prompts): a smaller gain could be sampling noise
+    max_sampled_p: float = 0.05
     temperature: float = 1.0  # of the sampled-answers check: the one users chat at (the trainer's)
 
     def as_dict(self) -> dict:
@@ -91,6 +99,35 @@ def pair_shortfall(metrics: dict, settings: "GateSettings") -> str | None:
         return (f"held-out pair accuracy {value:.2f} could be chance, p = {metrics['pair_p']:.2f} > "
                 f"{settings.max_auc_p} with {metrics['pairs']} pairs")
     return None
+
+
+def sampled_shortfall(cand: dict, live: dict, settings: "GateSettings") -> str | None:
+    """Why the candidate's sampled answers do not move toward the labels (None when they do): per held-out
+    prompt, its answers' mean scorer reward must beat the live policy's, with a one-sided Wilcoxon
+    signed-rank p-value below `max_sampled_p`. Figures without per-prompt scores (older runs) fall back to
+    the mean alone."""
+    mean, live_mean = cand["sampled_score"], live["sampled_score"]
+    if mean <= live_mean:
+        return f"sampled answers do not move toward the votes (scorer reward {mean:.3f} vs live {live_mean:.3f})"
+    ours, theirs = cand.get("sampled_per_prompt"), live.get("sampled_per_prompt")
+    if not ours or not theirs or len(ours) != len(theirs):
+        return None
+    differences = [a - b for a, b in zip(ours, theirs)]
+    higher = sum(d > 0 for d in differences)
+    p_value = signed_rank_p(differences)
+    if p_value > settings.max_sampled_p:
+        return (f"sampled answers do not move toward the votes beyond chance (scorer reward {mean:.3f} vs live "
+                f"{live_mean:.3f}, higher on {higher} of {len(differences)} held-out prompts, p = {p_value:.2f} > "
+                f"{settings.max_sampled_p})")
+    return None
+
+
+def signed_rank_p(differences: list[float]) -> float:
+    """One-sided p-value that the differences lean positive by chance (Wilcoxon signed-rank; zero
+    differences dropped; 1.0 when none is left)."""
+    if not any(differences):
+        return 1.0
+    return float(wilcoxon(differences, alternative="greater").pvalue)
 
 
 def rewards(model, processor, items: list[dict], policy: str | None) -> torch.Tensor:
@@ -182,16 +219,19 @@ def probe_accuracy(model, processor, probe: list[dict], policy: str | None, samp
     return correct / max(1, len(probe))
 
 
-def sampled_score(model, processor, prompts: list[dict], policy: str | None, scorer: str, samples: int,
-                  seed: int = 0, temperature: float = 1.0, sampler=None) -> float:
-    """Mean scorer reward of answers sampled at `temperature` from `policy` on `prompts` (by `sampler`,
-    learning/sampler.py; default: in this process); the scoring runs here."""
+def sampled_scores(model, processor, prompts: list[dict], policy: str | None, scorer: str, samples: int,
+                   seed: int = 0, temperature: float = 1.0, sampler=None) -> list[float]:
+    """Per prompt, the mean scorer reward of `samples` answers sampled at `temperature` from `policy` (by
+    `sampler`, learning/sampler.py; default: in this process); the scoring runs here."""
     from chatapp.learning.sampler import InProcessSampler
 
     answers = (sampler or InProcessSampler()).sample(model, processor, prompts, samples, policy=policy,
                                                      temperature=temperature, seed=seed, phase="gate sampled answers")
     items = [dict(p, completion=a) for p, group in zip(prompts, answers) for a in group]
-    return float(rewards(model, processor, items, scorer).mean()) if items else 0.0
+    owners = [i for i, group in enumerate(answers) for _ in group]
+    scores = rewards(model, processor, items, scorer).tolist() if items else []
+    per_prompt = [[s for s, owner in zip(scores, owners) if owner == i] for i in range(len(prompts))]
+    return [sum(group) / len(group) if group else 0.0 for group in per_prompt]
 
 
 # ---------------------------------------------------------------- the decision
@@ -205,9 +245,10 @@ def measure(model, processor, policy: str | None, *, held_kto: list[dict], held_
     if probe:
         metrics["probe_accuracy"] = probe_accuracy(model, processor, probe, policy, sampler)
     if scorer and style_prompts:
-        metrics["sampled_score"] = sampled_score(model, processor, style_prompts, policy, scorer,
-                                                 settings.style_samples, seed=1, temperature=settings.temperature,
-                                                 sampler=sampler)
+        per_prompt = sampled_scores(model, processor, style_prompts, policy, scorer, settings.style_samples, seed=1,
+                                    temperature=settings.temperature, sampler=sampler)
+        metrics["sampled_per_prompt"] = per_prompt
+        metrics["sampled_score"] = sum(per_prompt) / max(1, len(per_prompt))
     return metrics
 
 
@@ -237,10 +278,8 @@ def verdict(cand: dict, live_metrics: dict, settings: GateSettings, *, held_out_
         if drop > settings.max_regression + 1e-9:
             reasons.append(f"regression accuracy {cand['probe_accuracy']:.3f} vs live {live_metrics['probe_accuracy']:.3f}"
                            f" (drop {drop * 100:.1f} points > {settings.max_regression * 100:.1f})")
-    if "sampled_score" in cand:
-        if cand["sampled_score"] <= live_metrics["sampled_score"]:
-            reasons.append(f"sampled answers do not move toward the votes (scorer reward "
-                           f"{cand['sampled_score']:.3f} vs live {live_metrics['sampled_score']:.3f})")
+    if "sampled_score" in cand and (shortfall := sampled_shortfall(cand, live_metrics, settings)):
+        reasons.append(shortfall)
     if reasons:
         return "rejected", "; ".join(reasons)
     return "promoted", "better on held-out feedback, no regression"

@@ -8,7 +8,8 @@ Invariants:
   is the trainer's default (`TrainSettings()` apart from what the caller passes).
 - The preference measure ("before -> after") is the share of answers sampled at the users' chat
   temperature, on held-out questions no chat used (`simulate.held_out_items`), that the regime's
-  judge likes; greedy accuracy is measured on the same questions.
+  judge likes; greedy accuracy is measured on the same questions. A rejected candidate (published,
+  not served) is measured on them too, so the bench's figures can be set beside the gate's probe.
 - Everything is a function of the seed: the same seed gives the same store.
 """
 from __future__ import annotations
@@ -99,15 +100,16 @@ def measure(engine, judge: str, temperature: float, items) -> dict:
             "greedy_accuracy": greedy["accuracy"], "style_share": sampled["style_share"]}
 
 
-def served(data: Path):
-    """An engine serving what the app would serve from `data` now: the active version, or the base."""
+def served(data: Path, version: str | None = None):
+    """An engine serving what the app would serve from `data` now (the active version, or the base), or
+    the published `version` (a rejected one, as `adapters activate --force` would serve it)."""
     from chatapp.learning.registry import Registry
     from chatapp.serving.engine import Engine
 
     engine = Engine.load("demo")
     registry = Registry.for_data_dir(data)
-    if active := registry.active():
-        engine.use_adapter(active, registry.validate(active, None))
+    if version := version or registry.active():
+        engine.use_adapter(version, registry.validate(version, None))
     return engine
 
 
@@ -128,10 +130,15 @@ def run(regime: Regime, data: Path, seed: int, items, *, before: dict | None = N
     try:
         result = train(store, Registry.for_data_dir(data), "demo", settings, log=log)
         decision, reason, method, metrics = result.decision, result.reason, result.method, result.metrics
+        version = result.version
     except Exception as error:  # NotEnoughFeedback and the like: a row with its message, not a crash
         decision, reason, method, metrics = "not run", f"{type(error).__name__}: {error}", "-", {}
+        version = None
     seconds = time.perf_counter() - started
     after = measure(served(data), regime.judge, regime.temperature, items)
+    # what the gate turned down, on the bench's questions: does the bench agree with the gate's probe?
+    rejected = (measure(served(data, version), regime.judge, regime.temperature, items)
+                if version and decision != "promoted" else None)
     meets = (decision == "promoted" and after["preference"] >= regime.target
              and after["greedy_accuracy"] >= before["greedy_accuracy"] - 0.02 - 1e-9)
     # a row is right when it meets its target, or is rejected with its reason; poisoned ones must not promote
@@ -140,5 +147,6 @@ def run(regime: Regime, data: Path, seed: int, items, *, before: dict | None = N
             "labels": labels_text(given), "target": regime.target, "before": before, "after": after,
             "method": method, "decision": decision, "reason": reason, "seconds": seconds, "meets_target": meets,
             "ok": ok, "chosen": metrics.get("chosen"), "rs": metrics.get("rs"), "data": metrics.get("data"),
+            "rejected_candidate": rejected,
             "candidates": {k: {"decision": v["decision"], "reason": v["reason"]}
                            for k, v in (metrics.get("candidates") or {}).items()}}
