@@ -26,6 +26,13 @@ measured by the caller, from calling `stream` to its first token. Prints the agg
 N chatters / one chatter (goal >= 3) and their p95 TTFT / one chatter's (goal <= 2), for both paths.
 
     python bench/serving.py --sections chatters   # that section only (its results are printed, not saved)
+
+Decode against the memory-bandwidth bound (issue 13): one chatter, a short text prompt, greedy, a reply
+fixed at --decode-tokens (128) tokens; its decode tokens/s (the reply's own `tokens_per_s`, first token
+excluded; median of 3), and the plain `model.generate` on the same prompt, over the bound = this machine's read bandwidth (the best of 5 sums of a 256 MiB
+float32 tensor, the way the issue measured it) / the weight bytes one decode step reads (the text model's
+parameters and the full output head; the input embedding counts one row, the vision tower none).
+Goal: at least 0.5.
 """
 from __future__ import annotations
 
@@ -53,7 +60,8 @@ GOAL = 0.1  # follow-up TTFT / first-turn TTFT with the cache (issue 13)
 DETAIL_GOAL = 0.15  # first-turn TTFT at detail=low / at detail=high (issue 13)
 CHATTERS_THROUGHPUT_GOAL = 3.0  # aggregate tokens/s of N chatters / one chatter (issue 13)
 CHATTERS_TTFT_GOAL = 2.0  # p95 TTFT of N chatters / one chatter's (issue 13)
-SECTIONS = ("follow-ups", "chatters")
+DECODE_GOAL = 0.5  # one chatter's decode tokens/s / the memory-bandwidth bound (issue 13)
+SECTIONS = ("follow-ups", "chatters", "decode")
 
 
 def conversation_ttfts(engine: Engine, image, tokens: int,
@@ -175,6 +183,77 @@ def many_chatters(engine: Engine, chatters: int, tokens: int, repeats: int) -> t
     return figures, table
 
 
+def read_bandwidth() -> float:
+    """Bytes per second a sum over a 256 MiB float32 tensor reads (the best of 5)."""
+    import torch
+
+    values = torch.ones(64 * 2**20)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        values.sum()
+        best = min(best, time.perf_counter() - started)
+    return values.numel() * values.element_size() / best
+
+
+def decode_step_bytes(model) -> int:
+    """Weight bytes one decode step reads: every text-model parameter and the whole output head, one row
+    of the input embedding, nothing of the vision tower or its connector."""
+    head = model.get_output_embeddings().weight
+    embedding = model.get_input_embeddings().weight
+    total = head.numel() * head.element_size()
+    for name, parameter in model.named_parameters():
+        if parameter is head or "vision" in name or "connector" in name:
+            continue
+        if parameter is embedding:
+            total += parameter.shape[1] * parameter.element_size()
+            continue
+        total += parameter.numel() * parameter.element_size()
+    return total
+
+
+def plain_decode_rate(engine: Engine, prompt: list[dict], tokens: int) -> float:
+    """Decode tokens/s of the plain library call on the same prompt: `model.generate`, greedy, timed for
+    1 and for 1 + `tokens` new tokens; the difference is the decode of `tokens` tokens."""
+    import torch
+
+    text = engine.processor.apply_chat_template(prompt, add_generation_prompt=True)
+    inputs = engine.processor(text=[text], return_tensors="pt")
+
+    def timed(new_tokens: int) -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            engine.model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        return time.perf_counter() - started
+
+    return tokens / (min(timed(1 + tokens) for _ in range(3)) - min(timed(1) for _ in range(3)))
+
+
+def decode_against_bandwidth(engine: Engine, tokens: int) -> tuple[dict, list[str]]:
+    """The decode section: figures and table lines."""
+    params = validate_generation(temperature=0, max_new_tokens=tokens)
+    prompt = [{"role": "user", "content": [{"type": "text", "text": "Tell me a story."}]}]
+    rates = [engine.generate(prompt, params, generate_overrides={"min_new_tokens": tokens}).meta.tokens_per_s
+             for _ in range(3)]
+    rate, plain = statistics.median(rates), plain_decode_rate(engine, prompt, tokens)
+    bandwidth, step_bytes = read_bandwidth(), decode_step_bytes(engine.model)
+    bound = bandwidth / step_bytes
+    figures = {"tokens": tokens, "decode_tokens_per_s": rate, "runs": rates, "read_bandwidth_gb_s": bandwidth / 1e9,
+               "weight_bytes_per_token": step_bytes, "bound_tokens_per_s": bound, "ratio": rate / bound,
+               "plain_generate_tokens_per_s": plain, "plain_ratio": plain / bound,
+               "goal": f"decode / bound >= {DECODE_GOAL}"}
+    print(f"decode: {rate:.1f} tokens/s (runs {', '.join(f'{r:.1f}' for r in rates)}); bound {bound:.1f} tokens/s = "
+          f"{bandwidth / 1e9:.1f} GB/s / {step_bytes / 1e9:.3f} GB per token; decode / bound {rate / bound:.2f} "
+          f"(goal >= {DECODE_GOAL}: {'met' if rate / bound >= DECODE_GOAL else 'NOT met'}); plain model.generate "
+          f"{plain:.1f} tokens/s ({plain / bound:.2f} of the bound; engine / plain {rate / plain:.2f})", flush=True)
+    table = ["| one chatter | decode tokens/s | read bandwidth | weight bytes per token | bound | decode / bound |",
+             "|---|---|---|---|---|---|",
+             f"| {tokens}-token greedy reply | {rate:.1f} | {bandwidth / 1e9:.1f} GB/s | {step_bytes / 1e9:.3f} GB "
+             f"| {bound:.1f} tokens/s | {rate / bound:.2f} (goal >= {DECODE_GOAL}) |",
+             f"| plain `model.generate`, same prompt | {plain:.1f} | | | | {plain / bound:.2f} |"]
+    return figures, table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16, help="tokens per reply")
@@ -183,6 +262,7 @@ def main() -> None:
                         help=f"comma-separated, of {', '.join(SECTIONS)} (results are saved when all ran)")
     parser.add_argument("--chatters", type=int, default=8, help="concurrent chatters in the many-chatters section")
     parser.add_argument("--chatter-tokens", type=int, default=64, help="tokens per reply in the many-chatters section")
+    parser.add_argument("--decode-tokens", type=int, default=128, help="tokens of the reply in the decode section")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     if not sections <= set(SECTIONS):
@@ -204,7 +284,8 @@ def main() -> None:
         print(f"many chatters: {args.chatters} at once vs one, detail=low, {args.chatter_tokens}-token replies, "
               f"{args.repeats} repeat(s)", flush=True)
         chatters = many_chatters(engine, args.chatters, args.chatter_tokens, args.repeats)
-    if "follow-ups" not in sections:
+    decode = decode_against_bandwidth(engine, args.decode_tokens) if "decode" in sections else None
+    if sections != set(SECTIONS):
         print("(a partial run: results printed, not saved)")
         return
     runs = {"plain": [], "cached": []}
@@ -253,12 +334,8 @@ def main() -> None:
               f"| low (1 frame) | {low:.2f} s | {low_tokens} |",
               f"| high (17 frames) | {high:.2f} s | {high_tokens} |",
               f"| low / high | {detail_ratio:.3f} (goal <= {DETAIL_GOAL}) | |"]
-    if chatters is not None:
-        figures["many_chatters"] = chatters[0]
-        table += ["", *chatters[1]]
-    else:
-        print("(the many-chatters section did not run: results printed, not saved)")
-        return
+    figures["many_chatters"], figures["decode"] = chatters[0], decode[0]
+    table += ["", *chatters[1], "", *decode[1]]
     save_results("serving", figures, table,
                  f"SmolVLM-sized random model, one 17-frame image, {args.tokens}-token greedy replies, medians of "
                  f"{args.repeats}. Goal: follow-up / first turn <= {GOAL} with the cache. Replies identical with "
