@@ -51,7 +51,10 @@ def regimes():
         "a: 600 chats, 200 votes": Shape("rs", **a),
         "b: 60 prompts x 3 answers, all voted": Shape("rs", kto_train=144, kto_held=36, prompts=38, style_prompts=36),
         "c: 600 chats, 50 votes": Shape("rs", kto_train=40, kto_held=10, prompts=590, style_prompts=10),
-        "d: 60 pairs, no thumbs": Shape("dpo", kto_train=0, dpo_train=48, dpo_held=12),
+        # pairs only: the pairs train rs's scorer (chatapp/learning/data.py choose_method); counts as measured
+        # in bench/learning.py's regime d (115 pairs, 80% for training; 573 logged prompts)
+        "d: 115 pairs, no thumbs": Shape("rs", kto_train=0, dpo_train=92, dpo_held=23, prompts=573, style_prompts=23,
+                                         scorer_from_pairs=True),
         "e, f, g: like a": Shape("rs", **a),
     }
 
@@ -136,12 +139,19 @@ def measure(name: str, path: str, data, settings, kinds: tuple[str, ...], demo: 
 def extrapolate(result: dict, settings) -> dict:
     from chatapp.learning.cost import Units, estimate
 
+    def for_shape(figures: dict, shape) -> Units:
+        """The units of a run of this shape: a scorer trained on pairs steps as DPO (as calibrate times it)."""
+        step_s = dict(figures["step_s"])
+        if shape.scorer_from_pairs:
+            step_s["kto"] = step_s["dpo"]
+        return Units(**dict(figures, step_s=step_s))
+
     out = {}
     for regime, shape in regimes().items():
-        units = Units(**dict(result["units"], load_s=0, calibrate_s=0))
+        units = for_shape(dict(result["units"], load_s=0, calibrate_s=0), shape)
         row = {"samples": estimate(shape, settings, units).samples, "cpu_min": estimate(shape, settings, units).minutes}
         if "gpu_units" in result:
-            row["gpu_min"] = estimate(shape, settings, Units(**result["gpu_units"])).minutes
+            row["gpu_min"] = estimate(shape, settings, for_shape(result["gpu_units"], shape)).minutes
         out[regime] = row
     return out
 

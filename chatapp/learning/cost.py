@@ -67,14 +67,18 @@ class Shape:
     probe: int = 0  # the gate's regression probe (greedy answers per policy)
     style_prompts: int = 0  # the gate's sampled check (rs): prompts x GateSettings.style_samples
     has_live: bool = False
+    scorer_from_pairs: bool = False  # rs: the scorer trains with DPO on the pairs (no thumbs of both kinds)
 
     @classmethod
     def of(cls, method: str, data, probe: int, has_live: bool) -> "Shape":
         from chatapp.learning.gate import GateSettings
 
+        from chatapp.learning.rejection import scorer_from_pairs
+
         return cls(method, len(data.kto_train), len(data.kto_held), len(data.dpo_train), len(data.dpo_held),
                    len(data.sft_train), len(data.prompts), probe,
-                   min(GateSettings().style_prompts, len(data.held_prompts)), has_live)
+                   min(GateSettings().style_prompts, len(data.held_prompts)), has_live,
+                   method == "rs" and scorer_from_pairs(data))
 
 
 @dataclass
@@ -114,9 +118,15 @@ def estimate(shape: Shape, settings: TrainSettings, units: Units) -> Estimate:
     out.add("measuring these units", 1, "calibration", units.calibrate_s)
     candidates = settings.candidates(shape.method)
     if shape.method == "rs":
-        out.add("training the scorer (kto)", phase_steps(shape.kto_train, settings, settings.scorer_epochs),
-                "steps", units.step_s["kto"])
-        out.add("scoring the votes", 2 * (shape.kto_train + shape.kto_held), "passes", units.score_s)
+        # units.step_s["kto"] is the scorer's step, timed as DPO when the pairs train it (calibrate)
+        if shape.scorer_from_pairs:  # each pair is scored as two answers, and held-out pairs as in the gate
+            out.add("training the scorer (dpo)", phase_steps(shape.dpo_train, settings, settings.scorer_epochs),
+                    "steps", units.step_s["kto"])
+            out.add("scoring the pairs", 2 * 2 * shape.dpo_train + 4 * shape.dpo_held, "passes", units.score_s)
+        else:
+            out.add("training the scorer (kto)", phase_steps(shape.kto_train, settings, settings.scorer_epochs),
+                    "steps", units.step_s["kto"])
+            out.add("scoring the votes", 2 * (shape.kto_train + shape.kto_held), "passes", units.score_s)
         samples = settings.rs_rounds * shape.prompts * settings.best_of
         out.samples = samples
         out.add("sampling", samples, "answers", units.sample_s)
@@ -236,11 +246,12 @@ def calibrate(base, processor, method: str, data, settings: TrainSettings, load_
     answers are timed there, where the run will sample, one wave of its requests in flight."""
     from chatapp.feedback import prefs
     from chatapp.learning import modelops
+    from chatapp.learning.rejection import scorer_from_pairs
 
     started = time.perf_counter()
     step_s = {}
     for kind in kinds or KINDS[method]:
-        pair_scorer = kind == "kto" and method == "rs" and not data.kto_train.rows  # rejection.scorer_from_pairs
+        pair_scorer = kind == "kto" and method == "rs" and scorer_from_pairs(data)
         if pair_scorer:  # the scorer trains with DPO on the pairs: its steps are timed as such
             step_s[kind] = _step_seconds("dpo", base, processor, data.dpo_train.rows, settings, {"beta": settings.beta},
                                          timed_steps)
