@@ -13,6 +13,7 @@ import logging
 import os
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image, PngImagePlugin
@@ -181,6 +182,10 @@ ADMIN_BAD = [
     ("an A/B candidate of 300 characters", endpoint("ab_start", "x" * 300, False, 20), ["version"]),
     ("an A/B auto flag that is neither", endpoint("ab_start", "base", "maybe", 20), ["auto must be true or false"]),
     ("A/B min votes Infinity", endpoint("ab_start", "base", False, INF), []),
+    ("an adapter name ../x", endpoint("activate", "../x"), ["version"]),
+    ("an adapter name v0", endpoint("activate", "v0"), ["v0"]),
+    ("an adapter name v1/../v2", endpoint("activate", "v1/../v2"), ["version"]),
+    ("an A/B candidate ../x", endpoint("ab_start", "../x", False, 20), ["version"]),
 ]
 
 
@@ -233,6 +238,144 @@ def test_bad_admin_input_is_refused_clearly(app, root, answer, case, build, frag
 
 def test_there_are_at_least_30_bad_input_cases():
     assert len(BAD) + len(ADMIN_BAD) >= 30
+
+
+# ---------------------------------------------------------------- hostile images and text, through the server
+
+def image_bytes(image: Image.Image, fmt: str, **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def animated(fmt: str, frames: int, side: int) -> bytes:
+    """Frames of one palette index each, `side` pixels square (each case its own size: stored images
+    are deduplicated by content)."""
+    images = [Image.new("P", (side, side), i % 256) for i in range(frames)]
+    return image_bytes(images[0], fmt, save_all=True, append_images=images[1:])
+
+
+def png_with_text_chunk(size: int) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * size)
+    return image_bytes(Image.new("RGB", (16, 16), "blue"), "PNG", pnginfo=info)
+
+
+def oriented_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: 40 x 20 pixels are shown as 20 x 40
+    return image_bytes(Image.new("RGB", (40, 20), "green"), "JPEG", exif=exif.tobytes())
+
+
+def palette_with_transparency() -> bytes:
+    image = Image.new("P", (24, 24), 1)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    return image_bytes(image, "PNG", transparency=0)
+
+
+# (case, the upload's bytes, its name, what a stored image must be when it is accepted: size or None)
+HOSTILE_IMAGES = [
+    ("an animated GIF of 2,000 frames", lambda: animated("GIF", 2000, 8), "anim.gif", (8, 8)),
+    ("an APNG of 3 frames", lambda: animated("PNG", 3, 10), "anim.png", (10, 10)),
+    ("a PNG with a 50 MB text chunk", lambda: png_with_text_chunk(50 * 2**20), "big-text.png", (16, 16)),
+    ("a CMYK JPEG", lambda: image_bytes(Image.new("CMYK", (30, 20), (0, 255, 255, 0)), "JPEG"), "cmyk.jpg", (30, 20)),
+    ("a 16-bit PNG", lambda: image_bytes(Image.new("I;16", (30, 20), 40000), "PNG"), "deep.png", (30, 20)),
+    ("a 1x1 PNG", lambda: image_bytes(Image.new("RGB", (1, 1), "red"), "PNG"), "dot.png", (1, 1)),
+    ("an 8192x1 PNG", lambda: image_bytes(Image.new("RGB", (8192, 1), "red"), "PNG"), "line.png", (8192, 1)),
+    ("a WebP bomb (16383 x 16383, one colour)", lambda: image_bytes(Image.new("RGB", (16383, 16383)), "WEBP",
+                                                                      lossless=True), "bomb.webp", None),
+    ("a palette PNG with transparency", palette_with_transparency, "palette.png", (24, 24)),
+    ("an oriented JPEG", oriented_jpeg, "turned.jpg", (20, 40)),
+]
+
+
+def upload(who: Http, name: str, data: bytes) -> tuple[dict | None, str]:
+    """The uploaded file as /chat takes it, or None and the message of a refused upload (files over
+    MAX_IMAGE_BYTES are refused by the upload route itself: 413)."""
+    response = who.client.post("gradio_api/upload", files=[("files", (name, data))])
+    if response.status_code == 413:
+        return None, response.text
+    assert response.status_code == 200, response.text
+    [path] = response.json()
+    return {"path": path, "meta": {"_type": "gradio.FileData"}}, ""
+
+
+def accepted_or_refused_clearly(app, who, case, data_for_call) -> tuple[str, object, list[Path]]:
+    """Sends one request; a refusal must be clear, name nothing internal and store nothing. Returns the
+    outcome, its payload and the image files it stored."""
+    url, data = app
+    before = snapshot(data)
+    kind, payload = who.call("chat", data_for_call)
+    if kind == "error":
+        assert isinstance(payload, str) and payload, f"{case}: no message shown"
+        for internal in INTERNALS + (str(data),):
+            assert internal.lower() not in payload.lower(), f"{case}: {payload}"
+        assert snapshot(data) == before, f"{case}: something was stored"
+        new_files = []
+    else:
+        assert kind == "complete" and payload["done"], f"{case}: {payload}"
+        new_files = [p for p in (data / "images").rglob("*") if p.is_file() and p.name not in before["files"]]
+    kind_after, mine = who.call("conversations", [])  # the server keeps answering
+    assert kind_after == "complete" and isinstance(mine, list)
+    return kind, payload, new_files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, make, name, size", HOSTILE_IMAGES, ids=[c[0] for c in HOSTILE_IMAGES])
+def test_hostile_images_are_refused_clearly_or_stored_as_plain_rgb(app, alice, case, make, name, size):
+    url, data = app
+    before = snapshot(data)
+    image, refusal = upload(alice, name, make())
+    if image is None:  # refused at the upload: clearly, and nothing reached the store
+        assert "size" in refusal.lower() and not any(i.lower() in refusal.lower() for i in INTERNALS), refusal
+        assert snapshot(data) == before
+        kind, stored = "error", []
+    else:
+        kind, payload, stored = accepted_or_refused_clearly(
+            app, alice, case, [dict(CHAT_DEFAULTS, image=image)[p] for p in CHAT_PARAMS])
+    OUTCOMES[case] = kind
+    fault_figures.record("hostile images", cases=len(OUTCOMES),
+                         accepted=sum(k == "complete" for k in OUTCOMES.values()),
+                         refused=sum(k == "error" for k in OUTCOMES.values()))
+    if size is None:  # no plain image of that size may be made: it must be refused
+        assert kind == "error", f"{case}: accepted"
+    if kind == "complete":
+        [file] = stored
+        with Image.open(file) as kept:
+            assert kept.mode == "RGB" and kept.size == size, f"{case}: stored {kept.mode} {kept.size}"
+            assert not kept.info.get("comment"), f"{case}: its metadata was kept"
+
+
+OUTCOMES: dict[str, str] = {}  # hostile image case -> "complete" (accepted) or "error" (refused)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, text", [
+    ("a 100 KB line of emoji", "\U0001F600" * 25_000),
+    ("4,000 emoji (the message limit in characters)", "\U0001F600" * 4000),
+], ids=["100 KB of emoji", "4000 emoji"])
+def test_long_emoji_text_is_refused_clearly_or_answered(app, alice, case, text):
+    kind, payload, _ = accepted_or_refused_clearly(app, alice, case, [dict(CHAT_DEFAULTS, text=text)[p]
+                                                                       for p in CHAT_PARAMS])
+    if kind == "error":
+        assert "message" in payload.lower(), payload  # it says what to change
+
+
+@pytest.mark.slow
+def test_invalid_utf8_over_raw_http_is_refused_and_the_server_keeps_answering(app, alice):
+    url, data = app
+    before = snapshot(data)
+    body = b'{"data": ["", "caf\xe9 \xff\xfe", null, 0, 50, 1.0, 16, null, "auto", ""]}'
+    response = alice.client.post("gradio_api/call/chat", content=body, headers={"content-type": "application/json"})
+    if response.status_code == 200:  # queued: the event stream must end in a clear error or a stored answer
+        event_id = response.json()["event_id"]
+        text = alice.client.get(f"gradio_api/call/chat/{event_id}").text
+        assert "Traceback" not in text
+    else:
+        assert 400 <= response.status_code < 500, response.text
+        assert snapshot(data) == before
+    kind, mine = alice.call("conversations", [])
+    assert kind == "complete" and isinstance(mine, list)
 
 
 # ---------------------------------------------------------------- finding 4: control characters
