@@ -558,3 +558,54 @@ def test_uploaded_files_do_not_outlive_their_age(tmp_path, monkeypatch, demo_eng
         assert not any(os.path.exists(p) for p in uploaded)
     finally:
         app.close()
+
+
+# ---------------------------------------------------------------- flooding, and a client that leaves
+
+@pytest.mark.slow
+def test_20_parallel_streams_from_one_user_are_answered_or_refused_as_busy(app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, data = app
+    before = snapshot(data)
+    clients = [Http(url, "alice") for _ in range(20)]
+    request = [dict(CHAT_DEFAULTS, text="How many shapes are there?", max_new_tokens=32)[p] for p in CHAT_PARAMS]
+    with ThreadPoolExecutor(20) as pool:
+        outcomes = list(pool.map(lambda client: client.call("chat", request), clients))
+    answered = [payload for kind, payload in outcomes if kind == "complete"]
+    refused = [payload for kind, payload in outcomes if kind != "complete"]
+    for message in refused:  # only a clear "busy" may turn one away
+        assert isinstance(message, str) and ("busy" in message.lower() or "queue" in message.lower()), message
+    assert all(done["done"] and done["message_id"] for done in answered)
+    after = snapshot(data)
+    assert after["conversations"] - before["conversations"] == len(answered)  # a refusal stores nothing
+    assert after["messages"] - before["messages"] == 2 * len(answered)
+    fault_figures.record("flooding", streams=20, answered=len(answered), busy=len(refused))
+    kind, mine = clients[0].call("conversations", [])
+    assert kind == "complete" and isinstance(mine, list)
+
+
+@pytest.mark.slow
+def test_a_client_that_leaves_mid_stream_keeps_the_message_and_the_answer_shown(app, alice):
+    url, data = app
+    before = snapshot(data)
+    request = [dict(CHAT_DEFAULTS, text="Describe the image.", temperature=1.0, max_new_tokens=64)[p]
+               for p in CHAT_PARAMS]
+    response = alice.client.post("gradio_api/call/chat", content=json.dumps({"data": request}),
+                                 headers={"content-type": "application/json"})
+    event_id = response.json()["event_id"]
+    with alice.client.stream("GET", f"gradio_api/call/chat/{event_id}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: ") and line != "event: heartbeat":
+                break  # the first update: the client leaves here, closing the connection
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the server notices and ends the reply; both rows stay
+        store = Store(data)
+        rows = store.query("SELECT role, text FROM messages ORDER BY id DESC LIMIT 2")
+        store.close()
+        if snapshot(data)["messages"] - before["messages"] == 2 and rows[0]["role"] == "assistant":
+            break
+        time.sleep(0.2)
+    assert [r["role"] for r in rows] == ["assistant", "user"] and rows[1]["text"] == "Describe the image."
+    kind, mine = alice.call("conversations", [])  # the server keeps answering
+    assert kind == "complete" and isinstance(mine, list)
