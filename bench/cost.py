@@ -149,7 +149,8 @@ def extrapolate(result: dict, settings) -> dict:
     out = {}
     for regime, shape in regimes().items():
         units = for_shape(dict(result["units"], load_s=0, calibrate_s=0), shape)
-        row = {"samples": estimate(shape, settings, units).samples, "cpu_min": estimate(shape, settings, units).minutes}
+        on_cpu = estimate(shape, settings, units)
+        row = {"samples": on_cpu.samples, "cpu_min": on_cpu.minutes}
         if "gpu_units" in result:
             row["gpu_min"] = estimate(shape, settings, for_shape(result["gpu_units"], shape)).minutes
         out[regime] = row

@@ -300,6 +300,14 @@ def upload(who: Http, name: str, data: bytes) -> tuple[dict | None, str]:
     return {"path": path, "meta": {"_type": "gradio.FileData"}}, ""
 
 
+def assert_refused_clearly(case: str, message, data, before: dict) -> None:
+    """A refusal shows a message that names nothing internal, and nothing was stored."""
+    assert isinstance(message, str) and message, f"{case}: no message shown"
+    for internal in INTERNALS + (str(data),):
+        assert internal.lower() not in message.lower(), f"{case}: {message}"
+    assert snapshot(data) == before, f"{case}: something was stored"
+
+
 def accepted_or_refused_clearly(app, who, case, data_for_call) -> tuple[str, object, list[Path]]:
     """Sends one request; a refusal must be clear, name nothing internal and store nothing. Returns the
     outcome, its payload and the image files it stored."""
@@ -307,10 +315,7 @@ def accepted_or_refused_clearly(app, who, case, data_for_call) -> tuple[str, obj
     before = snapshot(data)
     kind, payload = who.call("chat", data_for_call)
     if kind == "error":
-        assert isinstance(payload, str) and payload, f"{case}: no message shown"
-        for internal in INTERNALS + (str(data),):
-            assert internal.lower() not in payload.lower(), f"{case}: {payload}"
-        assert snapshot(data) == before, f"{case}: something was stored"
+        assert_refused_clearly(case, payload, data, before)
         new_files = []
     else:
         assert kind == "complete" and payload["done"], f"{case}: {payload}"
@@ -327,8 +332,8 @@ def test_hostile_images_are_refused_clearly_or_stored_as_plain_rgb(app, alice, c
     before = snapshot(data)
     image, refusal = upload(alice, name, make())
     if image is None:  # refused at the upload: clearly, and nothing reached the store
-        assert "size" in refusal.lower() and not any(i.lower() in refusal.lower() for i in INTERNALS), refusal
-        assert snapshot(data) == before
+        assert_refused_clearly(case, refusal, data, before)
+        assert "size" in refusal.lower(), refusal
         kind, stored = "error", []
     else:
         kind, payload, stored = accepted_or_refused_clearly(

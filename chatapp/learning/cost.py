@@ -72,7 +72,6 @@ class Shape:
     @classmethod
     def of(cls, method: str, data, probe: int, has_live: bool) -> "Shape":
         from chatapp.learning.gate import GateSettings
-
         from chatapp.learning.rejection import scorer_from_pairs
 
         return cls(method, len(data.kto_train), len(data.kto_held), len(data.dpo_train), len(data.dpo_held),
