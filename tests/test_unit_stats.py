@@ -130,6 +130,21 @@ def test_a_better_candidate_without_regression_is_promoted():
     assert reason == "regression accuracy 0.930 vs live 0.960 (drop 3.0 points > 2.0)"
 
 
+
+def test_a_regression_on_image_questions_is_not_hidden_by_text_questions():
+    # regime d of the matrix: 2.4 points lost on image questions, none on text ones, 2.0 on the whole probe
+    cand = {"probe_accuracy": 0.956, "probe_parts": {"image questions": 0.952, "text questions": 1.0}}
+    live = {"probe_accuracy": 0.976, "probe_parts": {"image questions": 0.976, "text questions": 1.0}}
+    decision, reason = verdict(cand=cand, live=live)
+    assert decision == "rejected"
+    assert reason == "regression accuracy on image questions 0.952 vs live 0.976 (drop 2.4 points > 2.0)"
+    # each part is judged: a loss on text questions alone is named too
+    cand["probe_parts"] = {"image questions": 0.976, "text questions": 0.96}
+    assert verdict(cand=cand, live=live)[1] == ("regression accuracy on text questions 0.960 vs live 1.000 "
+                                                "(drop 4.0 points > 2.0)")
+    # figures recorded before the parts existed are judged on the whole probe
+    assert verdict(cand={"probe_accuracy": 0.956}, live=live)[0] == "promoted"
+
 @pytest.mark.parametrize("cand, live, rows, reason", [
     ({}, {}, 7, "only 7 held-out rows (need 8)"),
     ({"auc": 0.55}, {}, 40, "held-out AUC 0.55 < 0.6"),

@@ -47,8 +47,11 @@ def advise(data, reason: str, metrics: dict | None = None, held_out_fraction: fl
                     f"(new images or questions, not more votes on the same ones), or {ENOUGH_PROMPTS} logged "
                     f"unvoted chats, would help")
     elif "regression accuracy" in reason:
-        tips.append("the candidate forgot some of what the model knew: more distinct prompts, or a lower "
-                    "--lr, would help")
+        # measured (docs/learning.md): a lower --lr or fewer adapted modules did not lose less; the lost
+        # questions were answered in the liked form but wrong ("Red." for a red and a blue square)
+        tips.append("the candidate answers some questions worse than the model did (in the liked form, but "
+                    f"wrong or leaving things out): more {kind} that mark such answers down would teach the scorer "
+                    "to tell right from wrong; to accept the trade, activate it anyway (adapters activate V --force)")
     if "kept only" in reason:
         tips.append("the scorer found few sampled answers better than the voted ones: more liked answers "
                     "(thumbs up on answers in the wanted form) would help")

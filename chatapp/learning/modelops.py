@@ -105,6 +105,12 @@ def completion_logps(model, processor, items: list[dict], batch_size: int = 32,
     return out
 
 
+def token_counts(processor, texts: list[str]) -> torch.Tensor:
+    """Tokens in each text (at least 1), as a float tensor: to turn summed log-probabilities into per-token ones."""
+    ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return torch.tensor([max(1, len(row)) for row in ids], dtype=torch.float)
+
+
 @torch.inference_mode()
 def sample_answers(model, processor, items: list[dict], n: int, *, temperature: float = 1.0, top_k: int = 0,
                    max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0,

@@ -172,6 +172,10 @@ def _best_of_n(model, processor, prompts: list[dict], stored_prompts: list[dict]
     # Among a prompt's answers that clear the threshold, keep the one the base finds likely, nudged by the
     # reward: the largest reward alone favours rare (often wrong) answers whose base probability is tiny,
     # the base likelihood alone lets other styles through (measured: docs/learning.md, recipe table).
+    # Per token ("mix-mean", the default): summed, the shortest answer wins, and in the liked form it is
+    # often the one that leaves things out ("Red." for a red and a blue square). Regime a: summed, the
+    # candidate lost 2.2 points on the gate's 1,000 image questions (rejected); per token it loses 1.0 on the
+    # bench's 300 and is promoted, preference 0.84 (docs/learning.md, the matrix).
     # With few prompts (every answer voted, no unvoted chats) one answer each is a few dozen rows: keep up
     # to `per_prompt` distinct answers per prompt, the best first, so the candidate sees more than one
     # wording of the liked form (docs/learning.md, the regime matrix).
@@ -182,8 +186,10 @@ def _best_of_n(model, processor, prompts: list[dict], stored_prompts: list[dict]
         Path(os.environ["CHATAPP_RS_DUMP"]).write_text(json.dumps({"threshold": threshold, "samples": [
             [o, it["completion"], r, sl, bl] for o, it, r, sl, bl in zip(owners, flat, sample_rewards.tolist(),
                                                                         scorer_logps.tolist(), base_logps.tolist())]}))
-    ranks = {"likelihood": scorer_logps, "base": base_logps, "reward": sample_rewards,
-             "mix": base_logps + settings.reward_weight * sample_rewards}[settings.select].tolist()
+    mix = base_logps + settings.reward_weight * sample_rewards
+    ranks = {"likelihood": scorer_logps, "base": base_logps, "reward": sample_rewards, "mix": mix,
+             "mix-mean": mix / modelops.token_counts(processor, [it["completion"] for it in flat])}[settings.select]
+    ranks = ranks.tolist()
     for owner, item, reward, rank in zip(owners, flat, sample_rewards.tolist(), ranks):
         if reward > threshold:
             answers = passing.setdefault(owner, {})

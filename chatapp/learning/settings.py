@@ -105,9 +105,10 @@ class TrainSettings:
     lora_mlp: bool = setting(False, flag="--lora-mlp", help="also put LoRA on the MLP projections")
     candidate_modules: str = "q_proj|k_proj|v_proj|o_proj"
     lr_schedule: str = "linear"  # the candidate's; the scorer uses a constant rate
-    # rs: among answers above the threshold, the best by log p_base + reward_weight * reward
-    # (likelihood: by log p_scorer; reward: by reward alone) -- docs/learning.md, recipe table
-    select: str = setting("mix", choices=("mix", "likelihood", "base", "reward"))
+    # rs: among answers above the threshold, the best by (log p_base + reward_weight * reward) per token
+    # ("mix-mean"; "mix": the sums, which favour short answers that leave things out, "Red." for a red and a
+    # blue square; likelihood: by log p_scorer; reward: by reward alone) -- docs/learning.md, recipe table
+    select: str = setting("mix-mean", choices=("mix-mean", "mix", "likelihood", "base", "reward"))
     reward_weight: float = 0.1
     # rs: keep the best answer when its reward is above the midpoint | liked (the liked mean)
     keep: str = setting("midpoint", choices=("midpoint", "liked"))
