@@ -27,6 +27,10 @@ N chatters / one chatter (goal >= 3) and their p95 TTFT / one chatter's (goal <=
 
     python bench/serving.py --sections chatters   # that section only (its results are printed, not saved)
 
+The same through the real server, as issue 13's acceptance asks (section "server",
+bench/server_chatters.py): the app serving this model at detail=low, N `gradio_client` clients
+streaming /chat at the same moment, against one client alone.
+
 Decode against the memory-bandwidth bound (issue 13): one chatter, a short text prompt, greedy, a reply
 fixed at --decode-tokens (128) tokens; its decode tokens/s (the reply's own `tokens_per_s`, first token
 excluded; median of 3), and the plain `model.generate` on the same prompt, over the bound = this machine's read bandwidth (the best of 5 sums of a 256 MiB
@@ -61,7 +65,7 @@ DETAIL_GOAL = 0.15  # first-turn TTFT at detail=low / at detail=high (issue 13)
 CHATTERS_THROUGHPUT_GOAL = 3.0  # aggregate tokens/s of N chatters / one chatter (issue 13)
 CHATTERS_TTFT_GOAL = 2.0  # p95 TTFT of N chatters / one chatter's (issue 13)
 DECODE_GOAL = 0.5  # one chatter's decode tokens/s / the memory-bandwidth bound (issue 13)
-SECTIONS = ("follow-ups", "chatters", "decode")
+SECTIONS = ("follow-ups", "chatters", "server", "decode")
 
 
 def conversation_ttfts(engine: Engine, image, tokens: int,
@@ -284,6 +288,14 @@ def main() -> None:
         print(f"many chatters: {args.chatters} at once vs one, detail=low, {args.chatter_tokens}-token replies, "
               f"{args.repeats} repeat(s)", flush=True)
         chatters = many_chatters(engine, args.chatters, args.chatter_tokens, args.repeats)
+    server = None
+    if "server" in sections:
+        from bench.server_chatters import through_server  # a namespace package under ROOT, on sys.path
+
+        print(f"many chatters through the server: {args.chatters} gradio_client clients at once vs one, detail=low, "
+              f"replies up to {args.chatter_tokens} tokens, {args.repeats} repeat(s)", flush=True)
+        server = through_server(CACHE / "smolvlm-256m-random", args.chatters, args.chatter_tokens, args.repeats,
+                                (CHATTERS_THROUGHPUT_GOAL, CHATTERS_TTFT_GOAL), p95)
     decode = decode_against_bandwidth(engine, args.decode_tokens) if "decode" in sections else None
     if sections != set(SECTIONS):
         print("(a partial run: results printed, not saved)")
@@ -334,8 +346,8 @@ def main() -> None:
               f"| low (1 frame) | {low:.2f} s | {low_tokens} |",
               f"| high (17 frames) | {high:.2f} s | {high_tokens} |",
               f"| low / high | {detail_ratio:.3f} (goal <= {DETAIL_GOAL}) | |"]
-    figures["many_chatters"], figures["decode"] = chatters[0], decode[0]
-    table += ["", *chatters[1], "", *decode[1]]
+    figures["many_chatters"], figures["server_chatters"], figures["decode"] = chatters[0], server[0], decode[0]
+    table += ["", *chatters[1], "", *server[1], "", *decode[1]]
     save_results("serving", figures, table,
                  f"SmolVLM-sized random model, one 17-frame image, {args.tokens}-token greedy replies, medians of "
                  f"{args.repeats}. Goal: follow-up / first turn <= {GOAL} with the cache. Replies identical with "
