@@ -110,6 +110,10 @@ def test_the_advice_names_how_much_more_and_of_what_kind(tmp_path, demo_engine):
     assert f"only {prompts} prompts to learn from: about {200 - prompts} more voted prompts" in regression
     chance = advise(data, "held-out AUC 0.70 could be chance, p = 0.08 > 0.05 with 4 liked / 8 disliked")
     assert f"only {len(data.kto_held)} held-out votes" in chance and "more votes (thumbs up and down)" in chance
+    candidate = advise(data, "held-out AUC 0.56 < 0.6")
+    assert "the candidate's answers do not follow the held-out votes" in candidate and "disagree" not in candidate
+    votes = advise(data, "the votes do not predict each other (a scorer trained on them: held-out AUC 0.53 < 0.6)")
+    assert "the labels disagree with each other" in votes
     noise = advise(data, "sampled answers do not move toward the votes beyond chance (scorer reward 0.31 vs live "
                          "0.30, higher on 7 of 12 held-out prompts, p = 0.40 > 0.05)")
     assert f"only {prompts} prompts to learn from" in noise

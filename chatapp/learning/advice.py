@@ -38,9 +38,14 @@ def advise(data, reason: str, metrics: dict | None = None, held_out_fraction: fl
         tips.append(f"only {held} held-out {'votes' if thumbs else 'pairs'} to check a candidate against: about "
                     f"{_more(held, enough_held, held_out_fraction)} more {kind} would let the gate tell a "
                     f"real preference from luck")
-    elif "do not predict each other" in reason or "AUC" in reason and "<" in reason:
+    elif "do not predict each other" in reason:
         tips.append("the labels disagree with each other (random clicks, or a user voting against the rest "
                     f"look like this): more {kind} from users who vote consistently would help")
+    elif "held-out AUC" in reason and "<" in reason:
+        # the scorer ranked the votes (else the run ends before sampling), but the candidate trained on its
+        # picks does not (regime f: two preferences at once, chats at temperature 1.5)
+        tips.append(f"the candidate's answers do not follow the held-out {'votes' if thumbs else 'picks'}, though "
+                    f"the scorer's did: more {kind} on new prompts would help")
     prompts = len(data.prompts)
     if prompts < ENOUGH_PROMPTS:
         tips.append(f"only {prompts} prompts to learn from: about {ENOUGH_PROMPTS - prompts} more voted prompts "
