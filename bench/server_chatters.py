@@ -40,6 +40,18 @@ def _ask(client, image_path: str, tokens: int) -> tuple[float, float, float, int
     return asked, first if first is not None else end, end, int(last["meta"]["reply_tokens"])
 
 
+def together(work, count: int, errors: list) -> None:
+    """Run `work(0..count-1)` each in its own thread and wait for all; the first error `work` recorded in
+    `errors` is raised (a benchmark with a failed chatter measures nothing)."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def _at_once(url: str, images: list[str], tokens: int) -> tuple[float, list[float], int]:
     """Every image's chatter asks at the same moment from its own client and thread: (aggregate tokens/s,
     TTFTs, tokens in all)."""
@@ -56,15 +68,11 @@ def _at_once(url: str, images: list[str], tokens: int) -> tuple[float, list[floa
         except Exception as error:  # reported below: a failed chatter makes the figure meaningless
             errors.append(error)
 
-    threads = [threading.Thread(target=chatter, args=(i,)) for i in range(len(images))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for client in clients:
-        client.close()
-    if errors:
-        raise errors[0]
+    try:
+        together(chatter, len(images), errors)
+    finally:
+        for client in clients:
+            client.close()
     total = sum(r[3] for r in results)
     span = max(r[2] for r in results) - min(r[0] for r in results)
     return total / span, [r[1] - r[0] for r in results], total

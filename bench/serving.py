@@ -58,6 +58,7 @@ from chatapp.demo import shapes  # noqa: E402
 from chatapp.demo.smolvlm_sized import build_smolvlm_sized_random  # noqa: E402
 from chatapp.serving.cache import ServingCache  # noqa: E402
 from chatapp.serving.engine import Engine  # noqa: E402
+from bench.server_chatters import together  # noqa: E402  (a namespace package under ROOT, on sys.path)
 
 CACHE = ROOT / "bench" / "cache"
 GOAL = 0.1  # follow-up TTFT / first-turn TTFT with the cache (issue 13)
@@ -122,13 +123,7 @@ def chatters_at_once(engine: Engine, images: list, tokens: int) -> tuple[float, 
         except Exception as error:  # reported below: a benchmark with a failed chatter measures nothing
             errors.append(error)
 
-    threads = [threading.Thread(target=chatter, args=(i,)) for i in range(len(images))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    together(chatter, len(images), errors)
     assert all(count == tokens for *_, count in results), "every reply must have exactly --chatter-tokens tokens"
     span = max(end for _, _, end, _ in results) - min(asked for asked, *_ in results)
     # decode alone: from the last chatter's first token (every one decoding) to the first chatter's last
