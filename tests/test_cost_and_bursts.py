@@ -179,7 +179,8 @@ def voted(tmp_path_factory, demo_engine):
     return data
 
 
-QUICK = dict(method="kto", start_from="base", max_steps=4, batch_size=4, min_rows=10, publish="never")
+QUICK = dict(method="kto", start_from="base", max_steps=4, batch_size=4, min_rows=10, publish="never",
+             probe_per_type=10)
 
 
 @pytest.mark.slow

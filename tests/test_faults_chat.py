@@ -143,13 +143,21 @@ def test_an_answer_is_saved_as_it_streams_and_marked_until_it_ends(engine, tmp_p
 @pytest.fixture
 def slow_model(tmp_path):
     """The demo model, told by its generation config never to end an answer before max_new_tokens
-    (min_new_tokens), so an answer streams long enough to kill the server in the middle of it."""
+    (min_new_tokens), so an answer streams long enough to kill the server in the middle of it. Its
+    position range is raised from 1,024 to 4,096 (rotary positions: nothing is learnt per position) so
+    the answer can be 2,000 tokens long: 900 streamed in under 1.3 s on an idle machine (2026-12-03)."""
     folder = tmp_path / "slow-demo"
     shutil.copytree(config.DEMO_MODEL_DIR, folder)
+    model_config = json.loads((folder / "config.json").read_text())
+    model_config["text_config"]["max_position_embeddings"] = 4096
+    (folder / "config.json").write_text(json.dumps(model_config))
     generation = json.loads((folder / "generation_config.json").read_text())
-    generation["min_new_tokens"] = 900  # of the 1024 positions: ~4 s of streaming on an idle machine
+    generation["min_new_tokens"] = SLOW_ANSWER_TOKENS
     (folder / "generation_config.json").write_text(json.dumps(generation))
     return folder
+
+
+SLOW_ANSWER_TOKENS = 2000  # at most config.MAX_NEW_TOKENS (2048)
 
 
 @pytest.mark.slow
@@ -162,8 +170,8 @@ def test_kill_9_mid_answer_keeps_the_message_and_the_partial_answer(tmp_path, sl
     proc, url = start_server(data, args)
     try:
         client = Client(url, verbose=False)
-        job = client.submit(conversation_id="", text="What can you do?", temperature=0, max_new_tokens=900,
-                            api_name="/chat")
+        job = client.submit(conversation_id="", text="What can you do?", temperature=0,
+                            max_new_tokens=SLOW_ANSWER_TOKENS, api_name="/chat")
         seen = []  # (time, text) as the client saw it
         deadline = time.time() + 120
         while time.time() < deadline:

@@ -125,7 +125,7 @@ def test_the_installed_package_runs_offline_from_another_folder(tmp_path):
 
 TRAIN_AFTER = 40
 TRAINER_ARGS = ("--method kto --from base --max-steps 4 --epochs 1 --batch-size 4 --min-rows 10 --publish never "
-                "--retry-after 1 --poll 0.5 --quiet-for 0")
+                "--retry-after 1 --poll 0.5 --quiet-for 0 --probe-per-type 10")
 
 
 @pytest.mark.slow

@@ -21,10 +21,10 @@ DOCS = ROOT / "docs"
 VIEWPORT = {"width": 1100, "height": 750}
 MAX_PNG_BYTES = 200_000
 # A short real run, so the admin tab has a run, curves and an adapter to show: seconds of training
-# on the demo model (the gate's probe is most of the time). The gate decides as always: v1 is kept
-# either way, and active only if promoted.
+# on the demo model, with a small gate probe (the default 1,200 questions would be most of the time).
+# The gate decides as always: v1 is kept either way, and active only if promoted.
 TRAIN = ["--method", "kto", "--from", "base", "--max-steps", "12", "--epochs", "1", "--batch-size", "4",
-         "--min-rows", "10"]
+         "--min-rows", "10", "--probe-per-type", "10"]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

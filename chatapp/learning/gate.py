@@ -44,7 +44,6 @@ class GateSettings:
     max_auc_p: float = 0.05  # the held-out AUC must be this unlikely under random votes
     max_regression: float = 0.02  # accuracy points (0.02 = 2 points) the candidate may lose
     min_held_out: int = 8  # held-out rows needed to judge preference at all
-    probe_per_type: int = 200  # 1,000 image questions: a 2-point bar needs them (docs/learning.md, the gate)
     regression_set: str | None = None  # JSONL for models other than the demo model
     style_prompts: int = 48
     style_samples: int = 4

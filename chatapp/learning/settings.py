@@ -156,6 +156,10 @@ class TrainSettings:
         "gate: publish, activate only if the gate promotes it; always: activate anyway; never: publish nothing"))
     regression_set: str | None = setting(None, flag="--regression-set", metavar="JSONL", help=(
         "prompts, images and expected keywords for the gate's probe (models other than the demo model)"))
+    # 1,000 image questions: a 2-point bar needs them (docs/learning.md, the gate)
+    probe_per_type: int = setting(200, flag="--probe-per-type", bounds=Bounds(5, 2000), help=(
+        "the demo model's gate probe: greedy questions per question type (five with an image, one text-only); "
+        "fewer judge faster but cannot see a 2-point regression"))
 
     def __post_init__(self):
         if self.lora_alpha is None:

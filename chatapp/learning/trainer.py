@@ -298,5 +298,5 @@ def _probe(engine, settings: TrainSettings) -> list[dict]:
     if settings.regression_set:
         return gate.jsonl_probe(settings.regression_set)
     if engine.model_id == config.DEMO_MODEL_NAME:
-        return gate.demo_probe(gate.GateSettings().probe_per_type)
+        return gate.demo_probe(settings.probe_per_type)
     return []
