@@ -212,8 +212,10 @@ def child_plain(args) -> None:
         def on_step_end(self, targs, state, control, **kwargs):
             times.setdefault(state.global_step, _clock())
 
-    # the same LoRA (language model attention only) and the same arguments as the product's trainer
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+    # the same LoRA (the product's default: the language model's attention and MLP) and the same arguments
+    # as the product's trainer
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                      target_modules=r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
                       task_type="CAUSAL_LM")
     config_cls, trainer_cls = {"kto": (trl.KTOConfig, trl.KTOTrainer), "sft": (trl.SFTConfig, trl.SFTTrainer)}[args.method]
     torch.manual_seed(0)

@@ -4,9 +4,9 @@ registry -> engine.
 
 - style: answers sampled at temperature 1 are voted up when they are in the liked style and
   correct, down otherwise (200 votes from 5 users); after training, the liked style's share of
-  sampled answers on held-out images rises from about 1/3 to >= 85% while greedy accuracy drops by
+  sampled answers on held-out images rises from about 1/3 to >= 90% while greedy accuracy drops by
   at most 2 points. The style is a parameter (CHATAPP_PROOF_STYLES, default "terse"; the README
-  lists all three: chatty is rejected by the gate today, its candidate losing 2.9 points).
+  lists all three).
 - correctness: answers sampled at a high temperature are voted up when right, down when wrong;
   sampled accuracy at that temperature rises.
 - poisoning: random votes, and inverted correctness votes (wrong answers up), are rejected by the
@@ -33,8 +33,9 @@ LOGGED, VOTES = 600, 200
 HOT = 2.0  # the "high temperature" of the correctness test: the demo model is right ~70% of the time
 STYLES = os.environ.get("CHATAPP_PROOF_STYLES", "terse").split(",")
 # The style test passes for every style with the default recipe (two rounds of rejection sampling,
-# 4-, 8- and 12-epoch candidates, the gate picks): terse 0.35 -> 0.92, plain 0.29 -> 0.92, chatty
-# 0.36 -> 0.95, greedy accuracy 0.993 -> 0.980 each; the correctness test too: sampled accuracy at
+# 4-, 8- and 12-epoch candidates, LoRA on attention and MLP, the gate picks; 2026-12-03): terse
+# 0.35 -> 0.93 (greedy 0.993 -> 0.973), plain 0.29 -> 0.98 (0.993), chatty 0.36 -> 0.99 (0.977); the
+# correctness test too (measured before the MLP): sampled accuracy at
 # temperature 2 0.70 -> 0.74 (900 answers), with candidates trained at the votes' temperature (README). Each case
 # takes ~5 minutes on 2 cores, more than the CI suite's budget allows for four of them, so CI runs
 # them only when asked:
@@ -106,9 +107,9 @@ def test_style_votes_move_the_sampled_style(warm, held_out, tmp_path, style, rec
     print(f"\nstyle {style}: {figures}")
     record_property("figures", figures)
     assert 0.2 < figures["share_before"] < 0.5
-    # 0.90 held while the gate saw the whole probe at once; judged on image questions apart (1,000 of them),
-    # that terse candidate lost 2.2 points and was rejected. Answers kept per token: terse 0.87, plain 0.96.
-    assert figures["share_after"] >= 0.85
+    # LoRA on attention and MLP (the default since 2026-12-03): terse 0.93, plain 0.98, chatty 0.99; with
+    # attention only, judged by today's gate, terse reached 0.87 and chatty was rejected (docs/learning.md)
+    assert figures["share_after"] >= 0.90
     assert figures["greedy_after"] >= figures["greedy_before"] - 0.02 - 1e-9
 
 

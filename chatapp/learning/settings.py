@@ -102,7 +102,8 @@ class TrainSettings:
     lora_r: int = setting(8, flag="--lora-r", bounds=Bounds(1, 256), help="LoRA rank")
     lora_alpha: int | None = setting(None, flag="--lora-alpha", bounds=Bounds(1),
                                      help="LoRA scaling numerator (default: 2 x --lora-r)")
-    lora_mlp: bool = setting(False, flag="--lora-mlp", help="also put LoRA on the MLP projections")
+    # with the MLP, regime g (a style per kind of question) reached 0.95 instead of 0.72 (docs/learning.md)
+    lora_mlp: bool = setting(True, flag="--lora-mlp", help="LoRA on the MLP projections too, not only on attention")
     candidate_modules: str = "q_proj|k_proj|v_proj|o_proj"
     lr_schedule: str = "linear"  # the candidate's; the scorer uses a constant rate
     # rs: among answers above the threshold, the best by (log p_base + reward_weight * reward) per token
@@ -251,7 +252,8 @@ def add_flags(parser, settings_class, only: tuple[str, ...] | None = None) -> No
             continue
         help_text = spec.get("help", "").replace("%", "%%")
         if hints[field.name] is bool:
-            parser.add_argument(spec["flag"], dest=_dest(spec["flag"]), action="store_true", help=help_text)
+            parser.add_argument(spec["flag"], dest=_dest(spec["flag"]), action=argparse.BooleanOptionalAction,
+                                default=field.default, help=help_text)
             continue
         value_type = next(t for t in typing.get_args(hints[field.name]) or (hints[field.name],) if t is not type(None))
         if field.default is not None:
