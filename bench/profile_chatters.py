@@ -1,0 +1,153 @@
+"""Where the time goes when many chatters share the server (issue 13, item 5, for the SmolVLM-sized model):
+the app serves the SmolVLM-sized random model at detail=low; one chatter asks, then N at once (as in
+`bench/serving.py --sections server`), while py-spy samples every thread of the app.
+
+    pip install py-spy   # not a requirement of the project: a profiler, used only here
+    python bench/profile_chatters.py [--chatters 8] [--tokens 64] [--rate 40]
+
+Prints, per reply: the client's time to first text and end, and the engine's own figures from the
+store's generation record (time to first token, total, tokens/s); then the generation thread's
+sampled time by the deepest chatapp frame (vision encoder, batched decode steps, text prefill, image
+preprocessing, idle) and the other threads' busy share. The raw py-spy samples are kept in the
+file --raw names.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.overhead import start, stop  # noqa: E402  (a namespace package under ROOT, on sys.path)
+from bench.server_chatters import together  # noqa: E402
+from chatapp.demo import shapes  # noqa: E402
+
+MODEL = ROOT / "bench" / "cache" / "smolvlm-256m-random"  # bench/serving.py builds it
+IDLE_FRAMES = ("threading.py", "selectors.py", "concurrent/futures/thread.py:81", "block_thread")
+
+
+def ask(client, image: str, tokens: int) -> dict:
+    from gradio_client import handle_file
+
+    asked, first, last = time.perf_counter(), None, None
+    for event in client.submit(conversation_id="", text="Describe the image.", image=handle_file(image),
+                               temperature=0, max_new_tokens=tokens, image_detail="low", api_name="/chat"):
+        if first is None and event.get("text"):
+            first = time.perf_counter()
+        last = event
+    return {"asked": asked, "first": first, "end": time.perf_counter(), "message_id": last["message_id"],
+            "tokens": last["meta"]["reply_tokens"]}
+
+
+def at_once(url: str, images: list[str], tokens: int) -> list[dict]:
+    from gradio_client import Client
+
+    clients = [Client(url, verbose=False) for _ in images]
+    barrier, results, errors = threading.Barrier(len(images)), [None] * len(images), []
+
+    def chatter(index: int) -> None:
+        try:
+            barrier.wait()
+            results[index] = ask(clients[index], images[index], tokens)
+        except Exception as error:  # raised by together(): a failed chatter makes the figures meaningless
+            errors.append(error)
+
+    try:
+        together(chatter, len(images), errors)
+    finally:
+        for client in clients:
+            client.close()
+    return results
+
+
+def report(name: str, results: list[dict], store) -> None:
+    began, ended = min(r["asked"] for r in results), max(r["end"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    print(f"{name}: {tokens} tokens in {ended - began:.2f} s, {tokens / (ended - began):.1f} tokens/s in all")
+    for r in sorted(results, key=lambda r: r["first"]):
+        g = store.generation(r["message_id"])
+        print(f"  client: first text {r['first'] - r['asked']:6.2f} s, end {r['end'] - began:6.2f} s | engine: first token "
+              f"{g['time_to_first_token_s']:6.2f} s, total {g['total_s']:6.2f} s, {g['tokens_per_s']:5.1f} tokens/s, "
+              f"{g['prompt_tokens']} prompt tokens")
+
+
+def profile(raw: Path, rate: int) -> None:
+    """The generation thread's samples by deepest chatapp frame; the other threads' by the frame they were in
+    when not idle (waiting in a C call, a lock's acquire included, counts as in that frame)."""
+    ours, busy = collections.Counter(), collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames, count = stack.split(";"), int(count)
+        thread = frames[0].split(": ", 1)[-1]
+        if "chatapp-generate" in thread:
+            deepest = [f for f in frames if "chatapp/" in f]
+            ours[deepest[-1] if deepest else "idle: " + frames[-1]] += count
+        elif not any(idle in frames[-1] for idle in IDLE_FRAMES):
+            busy[frames[-1]] += count
+    print(f"generation thread, seconds sampled at {rate} Hz by the deepest chatapp frame:")
+    for frame, count in ours.most_common(8):
+        print(f"  {count / rate:6.1f} s  {frame}")
+    print("the other threads (handlers, Gradio's event loop), seconds by frame when not idle, all threads together:")
+    for frame, count in busy.most_common(6):
+        print(f"  {count / rate:6.1f} s  {frame}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chatters", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rate", type=int, default=40, help="py-spy samples per second")
+    parser.add_argument("--raw", default=str(MODEL.parent / "profile-chatters.txt"), help="where py-spy's raw samples go")
+    args = parser.parse_args()
+    spy_binary = shutil.which("py-spy")
+    if spy_binary is None:
+        parser.error("py-spy is not installed: pip install py-spy")
+    if not MODEL.exists():
+        parser.error(f"{MODEL} is missing: `python bench/serving.py` builds it")
+    from chatapp.feedback.store import Store
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        seeds = iter(range(7000, 100000))  # a new picture per request: no image features reused
+
+        def images(n: int) -> list[str]:
+            paths = []
+            for _ in range(n):
+                seed = next(seeds)
+                path = folder / f"picture-{seed}.png"
+                shapes.render(shapes.random_scene(random.Random(seed))).save(path)
+                paths.append(str(path))
+            return paths
+
+        (folder / "data").mkdir()
+        proc, url = start(["app.py", "--model", str(MODEL), "--no-trainer", "--image-detail", "low",
+                           "--data-dir", str(folder / "data")], folder / "app.log")
+        try:
+            at_once(url, images(1), 4)  # the server's first reply pays one-time setup
+            one = at_once(url, images(1), args.tokens)
+            spy = subprocess.Popen([spy_binary, "record", "-p", str(proc.pid), "--threads", "--idle", "-r",
+                                    str(args.rate), "-f", "raw", "-o", args.raw, "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            time.sleep(1)
+            many = at_once(url, images(args.chatters), args.tokens)
+            spy.send_signal(2)  # py-spy writes its samples on SIGINT
+            spy.wait(timeout=60)
+        finally:
+            stop(proc)
+        store = Store(folder / "data")
+        report("one chatter", one, store)
+        report(f"{args.chatters} chatters at once", many, store)
+    profile(Path(args.raw), args.rate)
+
+
+if __name__ == "__main__":
+    main()
