@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,54 +27,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.overhead import start, stop  # noqa: E402  (a namespace package under ROOT, on sys.path)
-from bench.server_chatters import together  # noqa: E402
+from bench.server_chatters import ask_together  # noqa: E402
 from chatapp.demo import shapes  # noqa: E402
 
 MODEL = ROOT / "bench" / "cache" / "smolvlm-256m-random"  # bench/serving.py builds it
 IDLE_FRAMES = ("threading.py", "selectors.py", "concurrent/futures/thread.py:81", "block_thread")
 
 
-def ask(client, image: str, tokens: int) -> dict:
-    from gradio_client import handle_file
-
-    asked, first, last = time.perf_counter(), None, None
-    for event in client.submit(conversation_id="", text="Describe the image.", image=handle_file(image),
-                               temperature=0, max_new_tokens=tokens, image_detail="low", api_name="/chat"):
-        if first is None and event.get("text"):
-            first = time.perf_counter()
-        last = event
-    return {"asked": asked, "first": first, "end": time.perf_counter(), "message_id": last["message_id"],
-            "tokens": last["meta"]["reply_tokens"]}
-
-
-def at_once(url: str, images: list[str], tokens: int) -> list[dict]:
-    from gradio_client import Client
-
-    clients = [Client(url, verbose=False) for _ in images]
-    barrier, results, errors = threading.Barrier(len(images)), [None] * len(images), []
-
-    def chatter(index: int) -> None:
-        try:
-            barrier.wait()
-            results[index] = ask(clients[index], images[index], tokens)
-        except Exception as error:  # raised by together(): a failed chatter makes the figures meaningless
-            errors.append(error)
-
-    try:
-        together(chatter, len(images), errors)
-    finally:
-        for client in clients:
-            client.close()
-    return results
-
-
-def report(name: str, results: list[dict], store) -> None:
-    began, ended = min(r["asked"] for r in results), max(r["end"] for r in results)
-    tokens = sum(r["tokens"] for r in results)
+def report(name: str, results: list[tuple], store) -> None:
+    """`ask_together`'s results, each reply beside the engine's own record of it."""
+    began, ended = min(r[0] for r in results), max(r[2] for r in results)
+    tokens = sum(r[3] for r in results)
     print(f"{name}: {tokens} tokens in {ended - began:.2f} s, {tokens / (ended - began):.1f} tokens/s in all")
-    for r in sorted(results, key=lambda r: r["first"]):
-        g = store.generation(r["message_id"])
-        print(f"  client: first text {r['first'] - r['asked']:6.2f} s, end {r['end'] - began:6.2f} s | engine: first token "
+    for asked, first, end, _, message_id in sorted(results, key=lambda r: r[1]):
+        g = store.generation(message_id)
+        print(f"  client: first text {first - asked:6.2f} s, end {end - began:6.2f} s | engine: first token "
               f"{g['time_to_first_token_s']:6.2f} s, total {g['total_s']:6.2f} s, {g['tokens_per_s']:5.1f} tokens/s, "
               f"{g['prompt_tokens']} prompt tokens")
 
@@ -132,13 +98,13 @@ def main() -> None:
         proc, url = start(["app.py", "--model", str(MODEL), "--no-trainer", "--image-detail", "low",
                            "--data-dir", str(folder / "data")], folder / "app.log")
         try:
-            at_once(url, images(1), 4)  # the server's first reply pays one-time setup
-            one = at_once(url, images(1), args.tokens)
+            ask_together(url, images(1), 4)  # the server's first reply pays one-time setup
+            one = ask_together(url, images(1), args.tokens)
             spy = subprocess.Popen([spy_binary, "record", "-p", str(proc.pid), "--threads", "--idle", "-r",
                                     str(args.rate), "-f", "raw", "-o", args.raw, "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             time.sleep(1)
-            many = at_once(url, images(args.chatters), args.tokens)
+            many = ask_together(url, images(args.chatters), args.tokens)
             spy.send_signal(2)  # py-spy writes its samples on SIGINT
             spy.wait(timeout=60)
         finally:

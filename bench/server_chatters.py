@@ -22,8 +22,9 @@ from pathlib import Path
 from chatapp.demo import shapes
 
 
-def _ask(client, image_path: str, tokens: int) -> tuple[float, float, float, int]:
-    """One streamed /chat: (asked, first text, end, reply tokens), perf_counter seconds."""
+def _ask(client, image_path: str, tokens: int) -> tuple[float, float, float, int, int]:
+    """One streamed /chat: (asked, first text, end, reply tokens, the answer's message id), perf_counter
+    seconds."""
     from gradio_client import handle_file
 
     asked = time.perf_counter()
@@ -37,7 +38,7 @@ def _ask(client, image_path: str, tokens: int) -> tuple[float, float, float, int
     end = time.perf_counter()
     if not last or not last.get("done"):
         raise RuntimeError(f"the stream ended without its last dict: {last!r}")
-    return asked, first if first is not None else end, end, int(last["meta"]["reply_tokens"])
+    return asked, first if first is not None else end, end, int(last["meta"]["reply_tokens"]), last["message_id"]
 
 
 def together(work, count: int, errors: list) -> None:
@@ -52,9 +53,8 @@ def together(work, count: int, errors: list) -> None:
         raise errors[0]
 
 
-def _at_once(url: str, images: list[str], tokens: int) -> tuple[float, list[float], int]:
-    """Every image's chatter asks at the same moment from its own client and thread: (aggregate tokens/s,
-    TTFTs, tokens in all)."""
+def ask_together(url: str, images: list[str], tokens: int) -> list[tuple]:
+    """Every image's chatter asks at the same moment from its own client and thread: `_ask`'s tuple for each."""
     from gradio_client import Client
 
     clients = [Client(url, verbose=False) for _ in images]
@@ -73,6 +73,12 @@ def _at_once(url: str, images: list[str], tokens: int) -> tuple[float, list[floa
     finally:
         for client in clients:
             client.close()
+    return results
+
+
+def _at_once(url: str, images: list[str], tokens: int) -> tuple[float, list[float], int]:
+    """(aggregate tokens/s, TTFTs, tokens in all) of `ask_together`."""
+    results = ask_together(url, images, tokens)
     total = sum(r[3] for r in results)
     span = max(r[2] for r in results) - min(r[0] for r in results)
     return total / span, [r[1] - r[0] for r in results], total
