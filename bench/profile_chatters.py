@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.overhead import start, stop  # noqa: E402  (a namespace package under ROOT, on sys.path)
-from bench.server_chatters import ask_together  # noqa: E402
-from chatapp.demo import shapes  # noqa: E402
+from bench.server_chatters import ask_together, serving  # noqa: E402  (a namespace package under ROOT)
 
 MODEL = ROOT / "bench" / "cache" / "smolvlm-256m-random"  # bench/serving.py builds it
 IDLE_FRAMES = ("threading.py", "selectors.py", "concurrent/futures/thread.py:81", "block_thread")
@@ -72,7 +68,8 @@ def main() -> None:
     parser.add_argument("--chatters", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rate", type=int, default=40, help="py-spy samples per second")
-    parser.add_argument("--raw", default=str(MODEL.parent / "profile-chatters.txt"), help="where py-spy's raw samples go")
+    parser.add_argument("--raw", default=str(MODEL.parent / "profile-chatters.txt"),
+                        help="where py-spy's raw samples go")
     args = parser.parse_args()
     spy_binary = shutil.which("py-spy")
     if spy_binary is None:
@@ -81,35 +78,16 @@ def main() -> None:
         parser.error(f"{MODEL} is missing: `python bench/serving.py` builds it")
     from chatapp.feedback.store import Store
 
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        seeds = iter(range(7000, 100000))  # a new picture per request: no image features reused
-
-        def images(n: int) -> list[str]:
-            paths = []
-            for _ in range(n):
-                seed = next(seeds)
-                path = folder / f"picture-{seed}.png"
-                shapes.render(shapes.random_scene(random.Random(seed))).save(path)
-                paths.append(str(path))
-            return paths
-
-        (folder / "data").mkdir()
-        proc, url = start(["app.py", "--model", str(MODEL), "--no-trainer", "--image-detail", "low",
-                           "--data-dir", str(folder / "data")], folder / "app.log")
-        try:
-            ask_together(url, images(1), 4)  # the server's first reply pays one-time setup
-            one = ask_together(url, images(1), args.tokens)
-            spy = subprocess.Popen([spy_binary, "record", "-p", str(proc.pid), "--threads", "--idle", "-r",
-                                    str(args.rate), "-f", "raw", "-o", args.raw, "--nonblocking"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-            time.sleep(1)
-            many = ask_together(url, images(args.chatters), args.tokens)
-            spy.send_signal(2)  # py-spy writes its samples on SIGINT
-            spy.wait(timeout=60)
-        finally:
-            stop(proc)
-        store = Store(folder / "data")
+    with serving(MODEL, first_seed=7000) as (url, proc, new_images, data):
+        one = ask_together(url, new_images(1), args.tokens)
+        spy = subprocess.Popen([spy_binary, "record", "-p", str(proc.pid), "--threads", "--idle", "-r",
+                                str(args.rate), "-f", "raw", "-o", args.raw, "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        time.sleep(1)
+        many = ask_together(url, new_images(args.chatters), args.tokens)
+        spy.send_signal(2)  # py-spy writes its samples on SIGINT
+        spy.wait(timeout=60)
+        store = Store(data)
         report("one chatter", one, store)
         report(f"{args.chatters} chatters at once", many, store)
     profile(Path(args.raw), args.rate)

@@ -12,6 +12,7 @@ Prints N chatters / one for both (goals: aggregate >= 3x, p95 TTFT <= 2x).
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import tempfile
@@ -84,13 +85,14 @@ def _at_once(url: str, images: list[str], tokens: int) -> tuple[float, list[floa
     return total / span, [r[1] - r[0] for r in results], total
 
 
-def through_server(model_dir: Path, chatters: int, tokens: int, repeats: int, goals: tuple[float, float],
-                   p95) -> tuple[dict, list[str]]:
-    """The section: start the app, measure one chatter then `chatters` at once; figures and table lines."""
+@contextlib.contextmanager
+def serving(model_dir: Path, first_seed: int):
+    """The app serving `model_dir` at detail=low with no trainer, on a fresh data dir in a temporary folder,
+    after one short reply (the server's first pays one-time setup). Yields (url, the app's process,
+    new_images(n): paths of n new pictures, the data dir); the app stops on leaving."""
     from bench.overhead import start, stop  # a namespace package under the project root, on sys.path
 
-    throughput_goal, ttft_goal = goals
-    seeds = iter(range(5000, 100000))  # a new picture per request: no chatter reuses cached image features
+    seeds = iter(range(first_seed, 10 ** 6))  # a new picture per request: no chatter reuses cached image features
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
 
@@ -107,11 +109,19 @@ def through_server(model_dir: Path, chatters: int, tokens: int, repeats: int, go
         proc, url = start(["app.py", "--model", str(model_dir), "--no-trainer", "--image-detail", "low",
                            "--data-dir", str(folder / "data")], folder / "app.log")
         try:
-            _at_once(url, new_images(1), 4)  # the server's first reply pays one-time setup
-            single = [_at_once(url, new_images(1), tokens) for _ in range(repeats)]
-            many = [_at_once(url, new_images(chatters), tokens) for _ in range(repeats)]
+            ask_together(url, new_images(1), 4)
+            yield url, proc, new_images, folder / "data"
         finally:
             stop(proc)
+
+
+def through_server(model_dir: Path, chatters: int, tokens: int, repeats: int, goals: tuple[float, float],
+                   p95) -> tuple[dict, list[str]]:
+    """The section: start the app, measure one chatter then `chatters` at once; figures and table lines."""
+    throughput_goal, ttft_goal = goals
+    with serving(model_dir, first_seed=5000) as (url, _, new_images, _):
+        single = [_at_once(url, new_images(1), tokens) for _ in range(repeats)]
+        many = [_at_once(url, new_images(chatters), tokens) for _ in range(repeats)]
     one_rate = statistics.median(rate for rate, *_ in single)
     one_ttft = p95([t for _, ttfts, _ in single for t in ttfts])
     rate = statistics.median(r for r, *_ in many)
