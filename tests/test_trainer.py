@@ -389,8 +389,7 @@ from chatapp.learning.settings import TrainSettings
 from chatapp.learning.trainer import train
 data = sys.argv[1]
 settings = TrainSettings(method="kto", start_from="base", max_steps=int(sys.argv[2]), batch_size=4, min_rows=10,
-                         probe_per_type=10,
-                         publish="always")
+                         probe_per_type=10, publish="always")
 print(train(Store(data), Registry.for_data_dir(data), "demo", settings, log=lambda m: print(m, flush=True)).version,
       flush=True)
 """

@@ -34,9 +34,9 @@ HOT = 2.0  # the "high temperature" of the correctness test: the demo model is r
 STYLES = os.environ.get("CHATAPP_PROOF_STYLES", "terse").split(",")
 # The style test passes for every style with the default recipe (two rounds of rejection sampling,
 # 4-, 8- and 12-epoch candidates, LoRA on attention and MLP, the gate picks; 2026-12-03): terse
-# 0.35 -> 0.93 (greedy 0.993 -> 0.973), plain 0.29 -> 0.98 (0.993), chatty 0.36 -> 0.99 (0.977); the
-# correctness test too (measured before the MLP): sampled accuracy at
-# temperature 2 0.70 -> 0.74 (900 answers), with candidates trained at the votes' temperature (README). Each case
+# 0.35 -> 0.93 (greedy 0.993 -> 0.973), plain 0.29 -> 0.98 (0.993), chatty 0.36 -> 0.99 (0.977). The
+# correctness test does not pass today: the gate that judges image and text-only questions apart rejects
+# its run (with or without LoRA on the MLP; under the older gate it gave 0.70 -> 0.74, docs/learning.md). Each case
 # takes ~5 minutes on 2 cores, more than the CI suite's budget allows for four of them, so CI runs
 # them only when asked:
 # CHATAPP_PROOF=1 [CHATAPP_PROOF_STYLES=terse,plain,chatty] pytest tests/test_votes_change_the_model.py
