@@ -240,6 +240,31 @@ def test_completion_logps_in_batches_match_one_at_a_time_with_full_logits(demo_e
     assert sum(sizes) == 5 and max(sizes) <= max(1, modelops.BATCH_TOKENS // 1500)
 
 
+def test_anchor_rows_are_the_policys_own_greedy_answers_to_text_only_openers():
+    """rs trains the candidate on the served policy's own answers to a few text-only openers beside the kept
+    answers (about `anchor_share` of the rows), so that training on image answers leaves text-only ones alone."""
+    from peft import get_peft_model
+
+    from chatapp.learning import modelops, rejection
+    from chatapp.learning.sampler import InProcessSampler
+    from chatapp.learning.trl_runs import lora_config
+    from chatapp.serving.engine import Engine
+
+    engine, plain = Engine.load("demo"), Engine.load("demo")  # own copies: the LoRA wrapper stays in this test
+    model = get_peft_model(engine.model, lora_config(TrainSettings()))
+    rows = rejection._anchor_rows(model, engine.processor, None, TrainSettings(), InProcessSampler())
+    assert [r["prompt"][0]["content"][0]["text"] for r in rows] == list(rejection.ANCHOR_PROMPTS)
+    assert all(r["images"] == [] for r in rows)
+    greedy = modelops.sample_answers(plain.model, plain.processor,
+                                     [{"prompt": r["prompt"], "images": []} for r in rows], 1, temperature=0.0)
+    assert [r["completion"][0]["content"][0]["text"] for r in rows] == [g[0] for g in greedy]
+    assert all(g[0] for g in greedy)
+    assert len(rejection._share(rows, 500, 0.1)) == len(rows) * round(50 / len(rows))
+    assert rejection._share(rows, 10, 0.1) == rows  # each at least once
+    assert rejection._anchor_rows(model, engine.processor, None, TrainSettings(anchor_share=0.0),
+                                  InProcessSampler()) == []
+
+
 def test_the_gate_asks_for_an_auc_above_chance():
     """The p-value of a held-out AUC matches what random votes do (a permutation count, counted here
     from ranks, not by the gate), with and without tied scores, and the gate's verdict names both bars."""

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from chatapp.core.errors import RequestError
+from chatapp.learning.rejection import ANCHOR_PROMPTS
 from chatapp.learning.settings import DEFAULT_LR, TrainSettings
 from chatapp.learning.trl_runs import _steps as phase_steps
 from chatapp.learning.trl_runs import lora_config, train_trl
@@ -128,11 +129,13 @@ def estimate(shape: Shape, settings: TrainSettings, units: Units) -> Estimate:
             out.add("scoring the votes", 2 * (shape.kto_train + shape.kto_held), "passes", units.score_s)
         samples = settings.rs_rounds * shape.prompts * settings.best_of
         out.samples = samples
-        out.add("sampling", samples, "answers", units.sample_s)
+        anchors = len(ANCHOR_PROMPTS) if settings.anchor_share else 0
+        out.add("sampling", samples + anchors, "answers", units.sample_s)
         out.add("scoring the samples", 2 * samples, "passes", units.score_s)
-        # kept answers: at most one per prompt
-        steps = (settings.rs_rounds - 1) * phase_steps(shape.prompts, settings, settings.epochs) + sum(
-            phase_steps(shape.prompts, settings, epochs) for epochs in candidates.values())
+        # kept answers: at most one per prompt, and the anchor rows beside them
+        rows = shape.prompts + (max(anchors, round(settings.anchor_share * shape.prompts)) if anchors else 0)
+        steps = (settings.rs_rounds - 1) * phase_steps(rows, settings, settings.epochs) + sum(
+            phase_steps(rows, settings, epochs) for epochs in candidates.values())
         out.add("training the candidates (sft)", steps, "steps", units.step_s["sft"])
     else:
         rows = {"kto": shape.kto_train, "dpo": shape.dpo_train, "sft": shape.sft_train}[shape.method]

@@ -6,10 +6,11 @@ whose loss is that same reward's margin); the policy samples `best_of` answers t
 outside the held-out split (voted or not); the best answer by the scorer is kept when its reward is
 above the midpoint between liked and disliked training answers (with fewer prompts than
 `rs_keep_rows`, several distinct answers per prompt, the best first); a LoRA is trained (TRL SFT) on
-the kept answers. With `rs_rounds` = 2 (the default) a second round samples from the first round's
-candidate, whose answers are mostly in the liked style already, so the kept set is purer, and trains
-fresh LoRAs on it for `epochs` and for each of `rs_extra_epochs` (8, 12); the gate publishes the
-best that passes. This moved the demo model's answer style where plain KTO/DPO on the same votes
+the kept answers, with the policy's own greedy answers to a few text-only openers (`ANCHOR_PROMPTS`,
+about `anchor_share` of the rows) so that what nobody voted on stays as it was. With `rs_rounds` = 2
+(the default) a second round samples from the first round's candidate, whose answers are mostly in
+the liked style already, so the kept set is purer, and trains fresh LoRAs on it for `epochs` and
+for each of `rs_extra_epochs` (8, 12); the gate publishes the best that passes. This moved the demo model's answer style where plain KTO/DPO on the same votes
 barely moved it or wrecked accuracy (see docs/learning.md).
 
 Invariants:
@@ -94,6 +95,7 @@ def rejection_sampling(base, processor, data: Data, settings: TrainSettings, pro
         model.load_adapter(str(live_path), adapter_name="live")
     policy = "live" if live_path and settings.start_from == "active" else None
     prompts = [{"prompt": p["prompt"], "images": modelops.load_images(p["images"])} for p in data.prompts]
+    anchors = _anchor_rows(model, processor, policy, settings, sampler)
     metrics = {"rs": {"scorer_held_out_auc": held.get("auc"), "scorer_from": "pairs" if from_pairs else "thumbs",
                       "scorer_held_out_pair_accuracy": held.get("pair_accuracy"), "midpoint": midpoint,
                       "liked_reward": float(liked.mean()),
@@ -122,7 +124,8 @@ def rejection_sampling(base, processor, data: Data, settings: TrainSettings, pro
             model.train()
             progress.phase = "training the candidate (sft)" + of_rounds + (
                 f", {epochs} epochs" if len(trained) > 1 else "")
-            train_trl("sft", model, processor, kept, settings, progress, settings.learning_rate or DEFAULT_LR["rs"],
+            train_trl("sft", model, processor, kept + _share(anchors, len(kept), settings.anchor_share), settings,
+                      progress, settings.learning_rate or DEFAULT_LR["rs"],
                       epochs, temperature=data.temperature)
             model.eval()
         if not last:
@@ -133,6 +136,33 @@ def rejection_sampling(base, processor, data: Data, settings: TrainSettings, pro
         model.delete_adapter("policy")
     model.set_adapter("candidate")
     return model, "scorer", metrics, list(trained)
+
+
+# Text-only openers any chat model meets, none of them a question the demo model's gate probe asks
+ANCHOR_PROMPTS = ("Good morning!", "Can you help me?", "Tell me about yourself.", "How does this work?",
+                  "Thanks!", "What are you?")
+
+
+def _anchor_rows(model, processor, policy, settings: TrainSettings, sampler) -> list[dict]:
+    """The policy's own greedy answers to ANCHOR_PROMPTS, as SFT rows: trained beside the kept answers they
+    keep what users did not ask about as it was. Without them, a candidate trained on image answers alone
+    rewrote text-only ones ("I can answer questions about, and it is blue!": the correctness proof's
+    candidate lost 61 points on the probe's text-only questions, docs/learning.md)."""
+    if not settings.anchor_share:
+        return []
+    items = [{"prompt": [{"role": "user", "content": [prefs.text_part(q)]}], "images": []} for q in ANCHOR_PROMPTS]
+    answers = sampler.sample(model, processor, items, 1, policy=policy, temperature=0.0,
+                             max_new_tokens=settings.max_new_tokens, seed=settings.seed, phase="anchors",
+                             progress=lambda n: None)
+    return [{"images": [], "prompt": item["prompt"], "completion": prefs.assistant_message(group[0])}
+            for item, group in zip(items, answers) if group and group[0]]
+
+
+def _share(anchors: list[dict], rows: int, share: float) -> list[dict]:
+    """Anchor rows repeated to about `share` of `rows` (at least each once)."""
+    if not anchors:
+        return []
+    return anchors * max(1, round(share * rows / len(anchors)))
 
 
 def scorer_from_pairs(data: Data) -> bool:

@@ -113,6 +113,8 @@ class TrainSettings:
     reward_weight: float = 0.1
     # rs: keep the best answer when its reward is above the midpoint | liked (the liked mean)
     keep: str = setting("midpoint", choices=("midpoint", "liked"))
+    # rs: the policy's own answers to a few text-only openers, about this share of the SFT rows (rejection.py)
+    anchor_share: float = 0.1
     beta: float = 0.1
     best_of: int = setting(8, flag="--best-of", bounds=Bounds(2, 64), help="rs: answers sampled per prompt")
     rs_prompts: int = setting(1000, flag="--prompts", bounds=Bounds(1, 100_000),
