@@ -94,3 +94,20 @@ def random_lora_folders(base_model, root: Path, scale: float) -> tuple[Path, Pat
     adapter_config["target_modules"] = ["no_such_projection"]
     (broken / "adapter_config.json").write_text(json.dumps(adapter_config))
     return good, broken
+
+
+def set_slider(page, elem_id, value, timeout_s: float = 10.0):
+    """Types the value into the slider's number box until the slider holds it: the page can put back
+    the old value while an event of its own is still running (seen after a compare pick), and the next
+    message sends what the slider holds."""
+    box, slider = (page.locator(f"#{elem_id} input[type={kind}]") for kind in ("number", "range"))
+    deadline = time.time() + timeout_s
+    while True:
+        box.fill(str(value))
+        box.press("Enter")
+        page.wait_for_timeout(200)
+        held = slider.input_value()
+        if float(held) == float(value):
+            return
+        if time.time() > deadline:
+            raise AssertionError(f"the {elem_id} slider holds {held}, not {value}")

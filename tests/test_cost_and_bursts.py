@@ -126,9 +126,11 @@ def test_the_estimate_counts_the_runs_work_part_by_part():
     settings = TrainSettings()  # the default rs: 8 answers a prompt, 2 rounds, candidates of 4, 8 and 12 epochs
     estimate = cost.estimate(REGIME_A, settings, UNITS)
     assert estimate.samples == 2 * 600 * 8
-    assert estimate.parts["sampling"] == {"count": 9600, "unit": "answers", "minutes": 9600 * 0.5 / 60}
+    # the sampled answers and the policy's greedy answers to the six anchor openers
+    assert estimate.parts["sampling"] == {"count": 9606, "unit": "answers", "minutes": 9606 * 0.5 / 60}
     assert estimate.parts["training the scorer (kto)"]["count"] == 20 * 10  # 160 rows / batch 8, 10 epochs
-    assert estimate.parts["training the candidates (sft)"]["count"] == 75 * (4 + 4 + 8 + 12)  # 600 kept at most
+    # 600 kept at most, and anchor rows a tenth of that: 660 rows, 83 steps an epoch
+    assert estimate.parts["training the candidates (sft)"]["count"] == 83 * (4 + 4 + 8 + 12)
     assert estimate.minutes == pytest.approx(sum(p["minutes"] for p in estimate.parts.values()))
     assert "9600 sampled answers x ~1139 prompt tokens" in estimate.summary()
 

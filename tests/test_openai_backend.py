@@ -21,7 +21,7 @@ import time
 import pytest
 
 from backend_support import BackendServer
-from support import random_lora_folders, start_server, stop_server
+from support import random_lora_folders, set_slider, start_server, stop_server
 from chatapp.core import config
 from chatapp.core.errors import EngineError
 from chatapp.demo import shapes
@@ -133,9 +133,7 @@ def test_browser_chat_vote_regenerate_compare_hot_swap_rollback_ab_on_the_model_
     expect(page.locator("#whoami")).to_contain_text("local", timeout=30_000)
     page.get_by_text("Generation settings").click()
     for slider, value in (("temperature", 0), ("max-new-tokens", 40)):  # greedy, short: the adapter rambles
-        box = page.locator(f"#{slider} input[type=number]")
-        box.fill(str(value))
-        box.press("Enter")
+        set_slider(page, slider, value)
 
     def new_chat():
         page.locator("#new-chat").click()
@@ -383,8 +381,9 @@ def test_train_samples_its_answers_on_the_model_server(backend, demo_engine, tmp
     probe_phase = sampling["gate probe: candidate"]  # the unpublished candidate, loaded into the server
     assert probe_phase["sampler"] == "openai" and probe_phase["requests"] == 2
     assert probe_phase["served_as"].startswith(f"run{result['run']}-candidate-")
-    assert {phase.split(": ")[0] for phase in sampling} == {"cost estimate", "rejection sampling round 1",
+    assert {phase.split(": ")[0] for phase in sampling} == {"cost estimate", "rejection sampling round 1", "anchors",
                                                               "gate probe", "gate sampled answers"}
+    assert sampling["anchors: base"]["sampler"] == "openai"  # the anchor openers' greedy answers too
     # the estimate timed sampling where the run samples: on the server
     assert sampling["cost estimate: base"]["sampler"] == "openai" and record["estimate"]["units"]["sample_s"] > 0
     assert "sampling through the model server at " + backend.url in run.stderr

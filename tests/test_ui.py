@@ -11,7 +11,7 @@ from chatapp.web.chat import ChatService
 from chatapp.feedback.store import Store
 from chatapp.web.ui import ChatPage, PageState, render
 from chatapp.web.users import Users
-from support import start_server, stop_server
+from support import set_slider, start_server, stop_server
 
 
 @pytest.fixture
@@ -104,12 +104,6 @@ def test_serve_prints_the_offline_notice(server):
     _, data = server
     text = (data / "server.log").read_text()
     assert "notice:" in text and "demo model" in text
-
-
-def set_slider(page, elem_id, value):
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
 
 
 @pytest.mark.browser
