@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from chatapp.core.errors import RequestError
-from chatapp.learning.rejection import ANCHOR_PROMPTS
+from chatapp.learning.rejection import ANCHOR_PROMPTS, anchor_repeats
 from chatapp.learning.settings import DEFAULT_LR, TrainSettings
 from chatapp.learning.trl_runs import _steps as phase_steps
 from chatapp.learning.trl_runs import lora_config, train_trl
@@ -133,7 +133,7 @@ def estimate(shape: Shape, settings: TrainSettings, units: Units) -> Estimate:
         out.add("sampling", samples + anchors, "answers", units.sample_s)
         out.add("scoring the samples", 2 * samples, "passes", units.score_s)
         # kept answers: at most one per prompt, and the anchor rows beside them
-        rows = shape.prompts + (max(anchors, round(settings.anchor_share * shape.prompts)) if anchors else 0)
+        rows = shape.prompts + anchors * anchor_repeats(shape.prompts, settings.anchor_share)
         steps = (settings.rs_rounds - 1) * phase_steps(rows, settings, settings.epochs) + sum(
             phase_steps(rows, settings, epochs) for epochs in candidates.values())
         out.add("training the candidates (sft)", steps, "steps", units.step_s["sft"])

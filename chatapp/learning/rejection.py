@@ -10,8 +10,9 @@ the kept answers, with the policy's own greedy answers to a few text-only opener
 about `anchor_share` of the rows) so that what nobody voted on stays as it was. With `rs_rounds` = 2
 (the default) a second round samples from the first round's candidate, whose answers are mostly in
 the liked style already, so the kept set is purer, and trains fresh LoRAs on it for `epochs` and
-for each of `rs_extra_epochs` (8, 12); the gate publishes the best that passes. This moved the demo model's answer style where plain KTO/DPO on the same votes
-barely moved it or wrecked accuracy (see docs/learning.md).
+for each of `rs_extra_epochs` (8, 12); the gate publishes the best that passes. This moved the demo
+model's answer style where plain KTO/DPO on the same votes barely moved it or wrecked accuracy (see
+docs/learning.md).
 
 Invariants:
 - The candidates are trained for the temperature users chat at (`Data.temperature`): their SFT loss
@@ -158,11 +159,15 @@ def _anchor_rows(model, processor, policy, settings: TrainSettings, sampler) -> 
             for item, group in zip(items, answers) if group and group[0]]
 
 
+def anchor_repeats(rows: int, share: float, anchors: int = len(ANCHOR_PROMPTS)) -> int:
+    """How many times each of `anchors` anchor rows goes beside `rows` kept answers: about `share` of
+    them, each at least once (0 when anchors are off). The cost estimate counts with it too."""
+    return max(1, round(share * rows / anchors)) if share and anchors else 0
+
+
 def _share(anchors: list[dict], rows: int, share: float) -> list[dict]:
     """Anchor rows repeated to about `share` of `rows` (at least each once)."""
-    if not anchors:
-        return []
-    return anchors * max(1, round(share * rows / len(anchors)))
+    return anchors * anchor_repeats(rows, share, len(anchors))
 
 
 def scorer_from_pairs(data: Data) -> bool:
