@@ -139,20 +139,13 @@ def measure(name: str, path: str, data, settings, kinds: tuple[str, ...], demo: 
 def extrapolate(result: dict, settings) -> dict:
     from chatapp.learning.cost import Units, estimate
 
-    def for_shape(figures: dict, shape) -> Units:
-        """The units of a run of this shape: a scorer trained on pairs steps as DPO (as calibrate times it)."""
-        step_s = dict(figures["step_s"])
-        if shape.scorer_from_pairs:
-            step_s["kto"] = step_s["dpo"]
-        return Units(**dict(figures, step_s=step_s))
-
     out = {}
     for regime, shape in regimes().items():
-        units = for_shape(dict(result["units"], load_s=0, calibrate_s=0), shape)
+        units = Units(**dict(result["units"], load_s=0, calibrate_s=0))
         on_cpu = estimate(shape, settings, units)
         row = {"samples": on_cpu.samples, "cpu_min": on_cpu.minutes}
         if "gpu_units" in result:
-            row["gpu_min"] = estimate(shape, settings, for_shape(result["gpu_units"], shape)).minutes
+            row["gpu_min"] = estimate(shape, settings, Units(**result["gpu_units"])).minutes
         out[regime] = row
     return out
 

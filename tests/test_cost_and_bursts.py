@@ -136,12 +136,13 @@ def test_the_estimate_counts_the_runs_work_part_by_part():
 
 
 def test_the_estimate_of_a_pairs_only_run_counts_the_scorer_trained_on_the_pairs():
-    """Regime d: no thumbs, so rs's scorer trains with DPO on the pairs (not zero KTO steps)."""
+    """Regime d: no thumbs, so rs's scorer trains with KTO on the pairs' two answers (not zero steps)."""
     shape = cost.Shape("rs", kto_train=0, dpo_train=92, dpo_held=23, prompts=573, style_prompts=23,
                        scorer_from_pairs=True)
     estimate = cost.estimate(shape, TrainSettings(), UNITS)
     assert "training the scorer (kto)" not in estimate.parts
-    assert estimate.parts["training the scorer (dpo)"]["count"] == 12 * 10  # 92 pairs / batch 8, 10 epochs
+    # 92 pairs, 184 answers / batch 8, 10 epochs
+    assert estimate.parts["training the scorer (kto on the pairs)"]["count"] == 23 * 10
     assert estimate.parts["scoring the pairs"]["count"] == 2 * 2 * 92 + 4 * 23
     assert estimate.samples == 2 * 573 * 8
 

@@ -4,7 +4,7 @@ users' chats and labels in a real store -> trainer (TRL) -> gate -> registry -> 
 Every CI run (cheap):
 - the held-out split is by image: an image asked about in several conversations is on one side only,
   and its prompts never reach rejection sampling;
-- pairs-only feedback (regenerate + prefer, compare picks) trains the `rs` recipe with a DPO scorer;
+- pairs-only feedback (regenerate + prefer, compare picks) trains the `rs` recipe, its scorer on the pairs' answers;
 - random pairs never promote, and the rejection says what more feedback would help, stored with the
   run and shown in the admin tab.
 The poisoning tests for votes (random and inverted votes never promote) are in
@@ -26,7 +26,7 @@ from chatapp.learning import regimes, simulate
 from chatapp.learning.advice import advise
 from chatapp.learning.data import choose_method, prepare_data, prompt_group
 from chatapp.learning.registry import Registry
-from chatapp.learning.rejection import scorer_from_pairs
+from chatapp.learning.rejection import pair_rows, scorer_from_pairs
 from chatapp.learning.settings import TrainSettings
 from chatapp.learning.trainer import train
 from chatapp.web.admin import _run_summary
@@ -78,6 +78,14 @@ def test_pairs_alone_train_the_rs_recipe_with_a_pair_scorer(tmp_path, demo_engin
     assert len(data.dpo_train) + len(data.dpo_held) >= counts["prefer"] + counts["compare"]
     assert scorer_from_pairs(data)
     assert choose_method(TrainSettings(min_pairs=10), data) == "rs"
+    # the scorer's rows: each pair's chosen answer liked, its rejected one disliked, same prompt and images
+    rows = pair_rows(data.dpo_train.rows)
+    assert len(rows) == 2 * len(data.dpo_train)
+    for pair, liked, disliked in zip(data.dpo_train.rows, rows[::2], rows[1::2]):
+        assert (liked["completion"], liked["label"]) == (pair["chosen"], True)
+        assert (disliked["completion"], disliked["label"]) == (pair["rejected"], False)
+        assert liked["prompt"] == disliked["prompt"] == pair["prompt"] and liked["images"] == pair["images"]
+        assert not {"chosen", "rejected"} & set(liked)
 
 
 @pytest.mark.slow  # it trains (a scorer, until the gate's first check rejects it)

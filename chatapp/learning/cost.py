@@ -68,7 +68,7 @@ class Shape:
     probe: int = 0  # the gate's regression probe (greedy answers per policy)
     style_prompts: int = 0  # the gate's sampled check (rs): prompts x GateSettings.style_samples
     has_live: bool = False
-    scorer_from_pairs: bool = False  # rs: the scorer trains with DPO on the pairs (no thumbs of both kinds)
+    scorer_from_pairs: bool = False  # rs: the scorer trains on the pairs' answers (no thumbs of both kinds)
 
     @classmethod
     def of(cls, method: str, data, probe: int, has_live: bool) -> "Shape":
@@ -118,10 +118,9 @@ def estimate(shape: Shape, settings: TrainSettings, units: Units) -> Estimate:
     out.add("measuring these units", 1, "calibration", units.calibrate_s)
     candidates = settings.candidates(shape.method)
     if shape.method == "rs":
-        # units.step_s["kto"] is the scorer's step, timed as DPO when the pairs train it (calibrate)
-        if shape.scorer_from_pairs:  # each pair is scored as two answers, and held-out pairs as in the gate
-            out.add("training the scorer (dpo)", phase_steps(shape.dpo_train, settings, settings.scorer_epochs),
-                    "steps", units.step_s["kto"])
+        if shape.scorer_from_pairs:  # KTO on each pair's two answers; held-out pairs scored as in the gate
+            out.add("training the scorer (kto on the pairs)",
+                    phase_steps(2 * shape.dpo_train, settings, settings.scorer_epochs), "steps", units.step_s["kto"])
             out.add("scoring the pairs", 2 * 2 * shape.dpo_train + 4 * shape.dpo_held, "passes", units.score_s)
         else:
             out.add("training the scorer (kto)", phase_steps(shape.kto_train, settings, settings.scorer_epochs),
@@ -248,19 +247,16 @@ def calibrate(base, processor, method: str, data, settings: TrainSettings, load_
     answers are timed there, where the run will sample, one wave of its requests in flight."""
     from chatapp.feedback import prefs
     from chatapp.learning import modelops
-    from chatapp.learning.rejection import scorer_from_pairs
+    from chatapp.learning.rejection import pair_rows, scorer_from_pairs
 
     started = time.perf_counter()
     step_s = {}
     for kind in kinds or KINDS[method]:
-        pair_scorer = kind == "kto" and method == "rs" and scorer_from_pairs(data)
-        if pair_scorer:  # the scorer trains with DPO on the pairs: its steps are timed as such
-            step_s[kind] = _step_seconds("dpo", base, processor, data.dpo_train.rows, settings, {"beta": settings.beta},
-                                         timed_steps)
-            continue
-        if kind == "kto":
-            desirable, undesirable = prefs.kto_weights(data.kto_train)
-            rows, extra = _alternating(data.kto_train.rows), {"beta": settings.beta, "desirable_weight": desirable,
+        if kind == "kto":  # rs's scorer trains on the pairs' answers when there are no thumbs of both kinds
+            votes = prefs.Rows("kto", pair_rows(data.dpo_train.rows)) if method == "rs" and scorer_from_pairs(
+                data) else data.kto_train
+            desirable, undesirable = prefs.kto_weights(votes)
+            rows, extra = _alternating(votes.rows), {"beta": settings.beta, "desirable_weight": desirable,
                                                               "undesirable_weight": undesirable}
         elif kind == "dpo":
             rows, extra = data.dpo_train.rows, {"beta": settings.beta}

@@ -1,18 +1,18 @@
 """The `rs` recipe (the default `auto` when there are thumbs or pairs): rejection sampling.
 
 The votes train a KTO *scorer* (a LoRA whose implicit reward, log p_scorer - log p_base, ranks
-answers like the voters did; with no thumbs of both kinds, the preference pairs train it with DPO,
-whose loss is that same reward's margin); the policy samples `best_of` answers to each logged prompt
-outside the held-out split (voted or not); the best answer by the scorer is kept when its reward is
-above the midpoint between liked and disliked training answers (with fewer prompts than
-`rs_keep_rows`, several distinct answers per prompt, the best first); a LoRA is trained (TRL SFT) on
-the kept answers, with the policy's own greedy answers to a few text-only openers (`ANCHOR_PROMPTS`,
-about `anchor_share` of the rows) so that what nobody voted on stays as it was. With `rs_rounds` = 2
-(the default) a second round samples from the first round's candidate, whose answers are mostly in
-the liked style already, so the kept set is purer, and trains fresh LoRAs on it for `epochs` and
-for each of `rs_extra_epochs` (8, 12); the gate publishes the best that passes. This moved the demo
-model's answer style where plain KTO/DPO on the same votes barely moved it or wrecked accuracy (see
-docs/learning.md).
+answers like the voters did; with no thumbs of both kinds, the preference pairs train it, each
+chosen answer a liked row and each rejected one a disliked row); the policy samples `best_of`
+answers to each logged prompt outside the held-out split (voted or not); the best answer by the
+scorer is kept when its reward is above the midpoint between liked and disliked training answers
+(with fewer prompts than `rs_keep_rows`, several distinct answers per prompt, the best first); a
+LoRA is trained (TRL SFT) on the kept answers, with the policy's own greedy answers to a few
+text-only openers (`ANCHOR_PROMPTS`, about `anchor_share` of the rows) so that what nobody voted on
+stays as it was. With `rs_rounds` = 2 (the default) a second round samples from the first round's
+candidate, whose answers are mostly in the liked style already, so the kept set is purer, and trains
+fresh LoRAs on it for `epochs` and for each of `rs_extra_epochs` (8, 12); the gate publishes the
+best that passes. This moved the demo model's answer style where plain KTO/DPO on the same votes
+barely moved it or wrecked accuracy (see docs/learning.md).
 
 Invariants:
 - The candidates are trained for the temperature users chat at (`Data.temperature`): their SFT loss
@@ -53,23 +53,20 @@ def rejection_sampling(base, processor, data: Data, settings: TrainSettings, pro
 
     sampler = sampler or InProcessSampler()
 
-    # 1. the scorer: KTO on the votes, or DPO on the pairs when there are no thumbs of both kinds
-    # (reference: the base, adapters disabled)
+    # 1. the scorer: KTO on the votes; with no thumbs of both kinds, KTO on the preference pairs, each
+    # pair's chosen answer a liked row and its rejected one a disliked row (reference: the base,
+    # adapters disabled). DPO on the same pairs moved the scorer far from the base (liked answers'
+    # reward -128, disliked -308, against +1.0 / -121 for thumbs in regime a); ranked by that reward,
+    # the kept answers mixed the plain style in and regime d's candidate reached 0.66; with KTO on
+    # the pairs: liked +1.0, disliked -84 and 0.95 (docs/learning.md, the matrix).
     from_pairs = scorer_from_pairs(data)
-    progress.phase = f"training the scorer ({'dpo' if from_pairs else 'kto'})"
-    if from_pairs:
-        model = train_trl("dpo", base, processor, data.dpo_train.rows, settings, progress, DEFAULT_LR["scorer"],
-                          settings.scorer_epochs, peft_config=lora_config(settings), extra={"beta": settings.beta},
-                          schedule="constant")
-        train_rows = [dict(r, completion=r[side], label=side == "chosen")
-                      for r in data.dpo_train.rows for side in ("chosen", "rejected")]
-    else:
-        desirable, undesirable = prefs.kto_weights(data.kto_train)
-        model = train_trl("kto", base, processor, data.kto_train.rows, settings, progress, DEFAULT_LR["scorer"],
-                          settings.scorer_epochs, peft_config=lora_config(settings),
-                          extra={"beta": settings.beta, "desirable_weight": desirable,
-                                 "undesirable_weight": undesirable}, schedule="constant")
-        train_rows = data.kto_train.rows
+    train_rows = pair_rows(data.dpo_train.rows) if from_pairs else data.kto_train.rows
+    progress.phase = "training the scorer (kto" + (" on the pairs)" if from_pairs else ")")
+    desirable, undesirable = prefs.kto_weights(prefs.Rows("kto", train_rows))
+    model = train_trl("kto", base, processor, train_rows, settings, progress, DEFAULT_LR["scorer"],
+                      settings.scorer_epochs, peft_config=lora_config(settings),
+                      extra={"beta": settings.beta, "desirable_weight": desirable,
+                             "undesirable_weight": undesirable}, schedule="constant")
     rename_adapter(model, model.active_adapter, "scorer")
     model.eval()
     train_items = gate.kto_items(train_rows)
@@ -173,6 +170,13 @@ def _share(anchors: list[dict], rows: int, share: float) -> list[dict]:
 def scorer_from_pairs(data: Data) -> bool:
     """The scorer learns from preference pairs when the training split lacks thumbs of both kinds."""
     return {row["label"] for row in data.kto_train.rows} != {True, False}
+
+
+def pair_rows(pairs: list[dict]) -> list[dict]:
+    """KTO rows from DPO pairs: each pair's chosen answer liked, its rejected answer disliked."""
+    return [dict({k: v for k, v in pair.items() if k not in ("chosen", "rejected")},
+                 completion=pair[side], label=side == "chosen")
+            for pair in pairs for side in ("chosen", "rejected")]
 
 
 def _best_of_n(model, processor, prompts: list[dict], stored_prompts: list[dict], policy, threshold: float,
