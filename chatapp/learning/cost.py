@@ -247,14 +247,13 @@ def calibrate(base, processor, method: str, data, settings: TrainSettings, load_
     answers are timed there, where the run will sample, one wave of its requests in flight."""
     from chatapp.feedback import prefs
     from chatapp.learning import modelops
-    from chatapp.learning.rejection import pair_rows, scorer_from_pairs
+    from chatapp.learning.rejection import scorer_rows
 
     started = time.perf_counter()
     step_s = {}
     for kind in kinds or KINDS[method]:
         if kind == "kto":  # rs's scorer trains on the pairs' answers when there are no thumbs of both kinds
-            votes = prefs.Rows("kto", pair_rows(data.dpo_train.rows)) if method == "rs" and scorer_from_pairs(
-                data) else data.kto_train
+            votes = prefs.Rows("kto", scorer_rows(data)) if method == "rs" else data.kto_train
             desirable, undesirable = prefs.kto_weights(votes)
             rows, extra = _alternating(votes.rows), {"beta": settings.beta, "desirable_weight": desirable,
                                                               "undesirable_weight": undesirable}

@@ -60,7 +60,7 @@ def rejection_sampling(base, processor, data: Data, settings: TrainSettings, pro
     # the kept answers mixed the plain style in and regime d's candidate reached 0.66; with KTO on
     # the pairs: liked +1.0, disliked -84 and 0.95 (docs/learning.md, the matrix).
     from_pairs = scorer_from_pairs(data)
-    train_rows = pair_rows(data.dpo_train.rows) if from_pairs else data.kto_train.rows
+    train_rows = scorer_rows(data)
     progress.phase = "training the scorer (kto" + (" on the pairs)" if from_pairs else ")")
     desirable, undesirable = prefs.kto_weights(prefs.Rows("kto", train_rows))
     model = train_trl("kto", base, processor, train_rows, settings, progress, DEFAULT_LR["scorer"],
@@ -170,6 +170,11 @@ def _share(anchors: list[dict], rows: int, share: float) -> list[dict]:
 def scorer_from_pairs(data: Data) -> bool:
     """The scorer learns from preference pairs when the training split lacks thumbs of both kinds."""
     return {row["label"] for row in data.kto_train.rows} != {True, False}
+
+
+def scorer_rows(data: Data) -> list[dict]:
+    """The KTO rows the scorer trains on: the thumbs, or the pairs' answers when `scorer_from_pairs`."""
+    return pair_rows(data.dpo_train.rows) if scorer_from_pairs(data) else data.kto_train.rows
 
 
 def pair_rows(pairs: list[dict]) -> list[dict]:
