@@ -3,7 +3,8 @@ users' chats and labels in a real store -> trainer (TRL) -> gate -> registry -> 
 
 Every CI run (cheap):
 - the held-out split is by image: an image asked about in several conversations is on one side only,
-  and its prompts never reach rejection sampling;
+  and its prompts never reach rejection sampling; with few prompts, the training side's questions are
+  asked about its other images, never about held-out ones;
 - pairs-only feedback (regenerate + prefer, compare picks) trains the `rs` recipe, its scorer on the pairs' answers;
 - random pairs never promote, and the rejection says what more feedback would help, stored with the
   run and shown in the admin tab.
@@ -51,6 +52,39 @@ def test_the_held_out_split_is_by_image_and_held_out_images_are_never_sampled(tm
     # by message, as prefs.split does it, some images would be on both sides
     by_message_train, by_message_held = prefs.split(prefs.kto_rows(store))
     assert {prompt_group(r) for r in by_message_train.rows} & {prompt_group(r) for r in by_message_held.rows}
+
+
+def test_few_prompts_are_crossed_with_the_training_images_and_never_with_held_out_ones(tmp_path, demo_engine):
+    store = Store(tmp_path / "data")
+    logged = simulate.log_chats(store, demo_engine.model, demo_engine.processor, 30, seed=3,
+                                users=regimes.USERS, repeats=3)
+    simulate.vote(store, logged, simulate.style_rule("terse"))
+    plain = prepare_data(store, TrainSettings(rs_cross_prompts=0))
+    data = prepare_data(store, TrainSettings(rs_cross_prompts=120))
+    assert plain.crossed == 0 and data.logged_prompts == len(plain.prompts) < 30
+    assert data.prompts[:data.logged_prompts] == plain.prompts  # the users' own prompts first, as they were
+    crossed = data.prompts[data.logged_prompts:]
+    assert len(crossed) == data.crossed == 120 - len(plain.prompts)
+    single = [p for p in plain.prompts if len(p["images"]) == 1]
+    questions = {repr(p["prompt"]) for p in single}
+    images = {prefs.image_sha(p["images"][0]) for p in single}
+    held_images = {prefs.image_sha(path) for r in data.kto_held.rows for path in r["images"]}
+    assert held_images and not images & held_images
+    pairs = {(repr(p["prompt"]), prefs.image_sha(p["images"][0])) for p in crossed}
+    assert len(pairs) == len(crossed)  # no prompt twice
+    assert not pairs & {(repr(p["prompt"]), prefs.image_sha(p["images"][0])) for p in single}  # none is a logged one
+    assert {q for q, _ in pairs} <= questions and {i for _, i in pairs} <= images
+    assert len({q for q, _ in pairs}) > 1 and len({i for _, i in pairs}) > 1
+    # as many as the training side's questions x images allow, no more; none with enough logged prompts
+    everything = prepare_data(store, TrainSettings(rs_cross_prompts=100_000))
+    assert everything.crossed == len(questions) * len(images) - len(single)
+    assert prepare_data(store, TrainSettings(rs_cross_prompts=len(plain.prompts))).crossed == 0
+    capped = prepare_data(store, TrainSettings(rs_cross_prompts=120, rs_prompts=len(plain.prompts) + 4))
+    assert len(capped.prompts) == len(plain.prompts) + 4 and capped.crossed >= 4  # --prompts caps the whole
+    # the budget's cut keeps the count of crossed prompts right
+    cut = data.first_prompts(data.logged_prompts + 5)
+    assert (cut.crossed, cut.logged_prompts) == (5, data.logged_prompts)
+    assert data.first_prompts(3).crossed == 0 and data.summary()["crossed_prompts"] == data.crossed
 
 
 def test_where_each_image_is_rated_once_the_split_is_the_per_message_one(tmp_path, demo_engine):
@@ -112,8 +146,8 @@ def test_the_advice_names_how_much_more_and_of_what_kind(tmp_path, demo_engine):
                                 users=regimes.USERS, repeats=3)
     simulate.vote(store, logged, simulate.style_rule("terse"))
     data = prepare_data(store, TrainSettings())
-    prompts = len(data.prompts)
-    assert 10 <= prompts < 20
+    prompts = data.logged_prompts  # the crossed ones are not more prompts from users
+    assert 10 <= prompts < 20 and data.crossed
     regression = advise(data, "regression accuracy 0.957 vs live 0.980 (drop 2.3 points > 2.0)")
     assert f"only {prompts} prompts to learn from: about {200 - prompts} more voted prompts" in regression
     chance = advise(data, "held-out AUC 0.70 could be chance, p = 0.08 > 0.05 with 4 liked / 8 disliked")

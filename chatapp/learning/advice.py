@@ -46,7 +46,7 @@ def advise(data, reason: str, metrics: dict | None = None, held_out_fraction: fl
         # picks does not (regime f: two preferences at once, chats at temperature 1.5)
         tips.append(f"the candidate's answers do not follow the held-out {'votes' if thumbs else 'picks'}, though "
                     f"the scorer's did: more {kind} on new prompts would help")
-    prompts = len(data.prompts)
+    prompts = data.logged_prompts
     if prompts < ENOUGH_PROMPTS:
         tips.append(f"only {prompts} prompts to learn from: about {ENOUGH_PROMPTS - prompts} more voted prompts "
                     f"(new images or questions, not more votes on the same ones), or {ENOUGH_PROMPTS} logged "

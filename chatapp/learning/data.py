@@ -11,6 +11,9 @@ Invariants:
   an image asked about in several conversations never feeds training and the gate at once; where
   each image is rated once this is exactly `prefs.split`.
 - Prompts of held-out groups never reach rejection sampling: the gate's sampled check runs on them.
+  With fewer logged prompts than `rs_cross_prompts`, the training side's single-image questions are
+  also asked about its other images (`crossed_prompts`), up to that many prompts in all and never
+  more than `rs_prompts`: held-out images and questions stay out.
 - The candidate's temperature is the one users chat at: the settings' when given, else the one the
   voted answers were sampled at (their generation records), else 1.
 - A run sees images at one detail, the one most of its image rows were asked at (their generation
@@ -46,11 +49,25 @@ class Data:
     held_prompts: list[dict]  # prompts of held-out rated answers (for the gate's sampled check)
     temperature: float  # the sampling temperature the candidate is trained and judged for
     image_detail: str = config.IMAGE_DETAIL_BEFORE_THE_SETTING  # "low" or "high": how the run's images are seen
+    crossed: int = 0  # of `prompts`, the last ones: logged questions asked about other training images
+
+    @property
+    def logged_prompts(self) -> int:
+        """Distinct prompts users sent (outside the held-out split), without the crossed ones."""
+        return len(self.prompts) - self.crossed
+
+    def first_prompts(self, n: int) -> "Data":
+        """This data sampling on its first `n` prompts (the logged ones come first, then the crossed)."""
+        import dataclasses
+
+        kept = self.prompts[:n]
+        return dataclasses.replace(self, prompts=kept, crossed=max(0, len(kept) - self.logged_prompts))
 
     def summary(self) -> dict:
         return {"image_detail": self.image_detail, "kto_train": len(self.kto_train), "kto_held_out": len(self.kto_held),
                 "dpo_train": len(self.dpo_train), "dpo_held_out": len(self.dpo_held),
-                "sft_train": len(self.sft_train), "logged_prompts": len(self.prompts), "temperature": self.temperature}
+                "sft_train": len(self.sft_train), "logged_prompts": self.logged_prompts, "crossed_prompts": self.crossed,
+                "temperature": self.temperature}
 
     def feedback_ids(self) -> list[int]:
         """The rated messages the training rows came from (recorded with a published adapter)."""
@@ -120,6 +137,10 @@ def prepare_data(store, settings: TrainSettings) -> Data:
     prompts = [p for p in prefs.logged_prompts(store, exclude_message_ids=held_ids, limit=settings.rs_prompts)
                if (not p["images"] or image_detail_of(store, p["answer_id"]) == image_detail)
                and prompt_group(p) not in held_groups]
+    # --prompts caps the whole: a run asked for 20 prompts samples on 20
+    wanted = min(settings.rs_cross_prompts, settings.rs_prompts) - len(prompts)
+    crossed = crossed_prompts(prompts, wanted, settings.seed)
+    prompts += crossed
     held_prompts = []
     seen = set()
     for row in kto_held.rows + dpo_held.rows:
@@ -129,7 +150,43 @@ def prepare_data(store, settings: TrainSettings) -> Data:
             held_prompts.append({"prompt": row["prompt"], "images": row["images"]})
     temperature = settings.temperature or prefs.sampling_temperature(kto_train) or 1.0
     return Data(kto_train, kto_held, dpo_train, dpo_held, sft_train, prompts, held_prompts, temperature,
-                image_detail)
+                image_detail, len(crossed))
+
+
+def _single_image_question(prompt: dict):
+    """(the prompt's messages, image index) when it is one user message with one image (after an optional
+    system prompt), else None."""
+    messages = prompt["prompt"]
+    users = [m for m in messages if m["role"] == "user"]
+    if len(prompt["images"]) != 1 or len(users) != 1 or any(m["role"] == "assistant" for m in messages):
+        return None
+    return messages
+
+
+def crossed_prompts(prompts: list[dict], wanted: int, seed: int) -> list[dict]:
+    """Up to `wanted` new prompts: the single-image questions of `prompts` asked about their other images.
+    With few distinct prompts (every answer voted, no unvoted chats) rejection sampling has a few dozen
+    prompts to learn a style from; each question asked about each image gives it many (docs/learning.md,
+    regime b). Only `prompts`' own questions and images are used, so the held-out split stays as it is."""
+    if wanted <= 0:
+        return []
+    import hashlib
+
+    questions, images, existing = {}, {}, set()
+    for p in prompts:
+        messages = _single_image_question(p)
+        if messages is None:
+            continue
+        question, image = json.dumps(messages, sort_keys=True), prefs.image_sha(p["images"][0])
+        questions.setdefault(question, messages)
+        images.setdefault(image, p["images"][0])
+        existing.add((question, image))
+
+    def order(pair):
+        return hashlib.sha256(f"{seed}:{pair[0]}:{pair[1]}".encode()).hexdigest()
+
+    pairs = sorted(((q, i) for q in questions for i in images if (q, i) not in existing), key=order)
+    return [{"prompt": questions[q], "images": [images[i]], "answer_id": None} for q, i in pairs[:wanted]]
 
 
 def choose_method(settings: TrainSettings, data: Data) -> str:

@@ -3,7 +3,8 @@
 The votes train a KTO *scorer* (a LoRA whose implicit reward, log p_scorer - log p_base, ranks
 answers like the voters did; with no thumbs of both kinds, the preference pairs train it, each
 chosen answer a liked row and each rejected one a disliked row); the policy samples `best_of`
-answers to each logged prompt outside the held-out split (voted or not); the best answer by the
+answers to each logged prompt outside the held-out split (voted or not; with few of them, also to
+their questions asked about their other images, `data.crossed_prompts`); the best answer by the
 scorer is kept when its reward is above the midpoint between liked and disliked training answers
 (with fewer prompts than `rs_keep_rows`, several distinct answers per prompt, the best first); a
 LoRA is trained (TRL SFT) on the kept answers, with the policy's own greedy answers to a few

@@ -122,6 +122,12 @@ class TrainSettings:
     # rs: with fewer prompts than this, several distinct answers per prompt are kept, up to about this
     # many in all (regime b of bench/learning.py: 48 voted prompts, no unvoted chats)
     rs_keep_rows: int = setting(200, bounds=Bounds(1))
+    # rs: with fewer logged prompts than this, the training side's single-image questions are also asked
+    # about its other images, up to this many prompts (regime b: 44 prompts; 0.49 -> 0.81 on seed 21, rejected at
+    # the accuracy bar on seed 22, as it was without them: docs/learning.md)
+    rs_cross_prompts: int = setting(500, flag="--cross-prompts", bounds=Bounds(0, 100_000), help=(
+        "rs: with fewer logged prompts than N, also sample on the users' image questions asked about their "
+        "other (training) images, up to N prompts in all and no more than --prompts (0: off)"))
     rs_temperature: float = 0.7  # fewer wrong samples than at 1.0 for the same style shift (docs/learning.md, recipe table)
     # round 2 samples from round 1's candidate (docs/learning.md, recipe table)
     rs_rounds: int = setting(2, flag="--rs-rounds", bounds=Bounds(1, 5), help=(

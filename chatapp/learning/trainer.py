@@ -232,8 +232,6 @@ def _estimate(store, run_id: int, progress: Progress, engine, method: str, data:
     """The run's cost, stated before it trains (`cost`): unit costs measured on the loaded model x the
     run's work, fitted to `--budget` (fewer prompts or steps), stored with the run and logged.
     Raises OverBudget (the estimate stored) when the run cannot be cut to fit."""
-    import dataclasses
-
     from chatapp.learning import cost
 
     progress.start("measuring what the run will cost", 0)
@@ -246,7 +244,7 @@ def _estimate(store, run_id: int, progress: Progress, engine, method: str, data:
         raise
     store.update_run(run_id, estimate=dict(estimate.as_dict(), units=units.as_dict()), settings=settings.as_dict())
     log(f"train: estimate {estimate.summary()}" + (f"; {estimate.scaled}" if estimate.scaled else ""))
-    return settings, dataclasses.replace(data, prompts=data.prompts[:shape.prompts])
+    return settings, data.first_prompts(shape.prompts)
 
 
 def _active_or_none(registry) -> str | None:
