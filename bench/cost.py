@@ -5,6 +5,7 @@ estimate, not a measurement) on an H200.
 
     python bench/cost.py [--models demo,smolvlm] [--smolvlm-batch 2] [--smolvlm-grad-accum 4]
                          [--smolvlm-steps 2] [--check-run]
+    python bench/cost.py --reuse-units   # no measuring: the regimes again, from the units saved last time
 
 The units come from `chatapp.learning.cost.calibrate`, the code every run calls, on rows of a
 simulated voted store (60 demo-model chats; the SmolVLM-sized model sees the same 64x64 images,
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import shutil
 import sys
@@ -49,7 +51,8 @@ def regimes():
     a = dict(kto_train=160, kto_held=40, prompts=560, style_prompts=40)  # 600 chats, 200 votes (20% held out)
     return {
         "a: 600 chats, 200 votes": Shape("rs", **a),
-        "b: 60 prompts x 3 answers, all voted": Shape("rs", kto_train=144, kto_held=36, prompts=38, style_prompts=36),
+        # 38 logged prompts outside the held-out split, crossed with the training images up to 500 (data.py)
+        "b: 60 prompts x 3 answers, all voted": Shape("rs", kto_train=144, kto_held=36, prompts=500, style_prompts=36),
         "c: 600 chats, 50 votes": Shape("rs", kto_train=40, kto_held=10, prompts=590, style_prompts=10),
         # pairs only: the pairs train rs's scorer (chatapp/learning/data.py choose_method); counts as measured
         # in bench/learning.py's regime d (115 pairs, 80% for training; 573 logged prompts)
@@ -187,7 +190,7 @@ def unit(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
-def save(results: list[dict], check: dict | None) -> None:
+def save(results: list[dict], check: dict | None, units_from: dict | None = None) -> None:
     from bench.results import save_results  # a namespace package under ROOT, which is on sys.path (above)
 
     table = ["| model | threads | batch x accum | prompt tokens | one sampled answer | one scoring pass | "
@@ -218,10 +221,13 @@ def save(results: list[dict], check: dict | None) -> None:
     if check:
         notes = (f"Check run on the demo model ({check['settings']}): estimated {check['estimate_min']:.2f} min, "
                  f"took {check['actual_min']:.2f} min (estimate / actual {check['estimate_over_actual']:.2f}).")
+    if units_from:
+        notes = (f"Units measured by `{units_from['command']}`, finished {units_from['finished_at']}; the regimes "
+                 f"extrapolated again from them. " + notes).strip()
     for line in table:
         print(line)
     print(notes, flush=True)
-    save_results("cost", {"models": results, "check_run": check}, table, notes)
+    save_results("cost", {"models": results, "check_run": check, "units_from": units_from}, table, notes)
 
 
 def main() -> None:
@@ -234,8 +240,21 @@ def main() -> None:
                         help="TRL kinds timed on the SmolVLM-sized model; the others keep the demo model's ratio to SFT "
                              "(labelled in the table)")
     parser.add_argument("--check-run", action="store_true", help="also train once on the demo model")
+    parser.add_argument("--reuse-units", action="store_true",
+                        help="measure nothing: extrapolate the regimes again (the recipe's counts today) from the units "
+                             "in docs/results/cost.json")
     args = parser.parse_args()
     from chatapp.learning.settings import TrainSettings
+
+    if args.reuse_units:
+        saved = json.loads((ROOT / "docs" / "results" / "cost.json").read_text())
+        stored = saved["results"]
+        for result in stored["models"]:
+            result["regimes"] = extrapolate(result, TrainSettings(batch_size=result["settings"]["batch_size"],
+                                                                  grad_accum=result["settings"]["grad_accum"]))
+        units_from = stored.get("units_from") or {"command": saved["command"], "finished_at": saved["finished_at"]}
+        save(stored["models"], stored.get("check_run"), units_from)
+        return
 
     root = Path(tempfile.mkdtemp(prefix="bench-cost-"))
     data, _ = voted_data(root)
