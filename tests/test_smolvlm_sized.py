@@ -89,3 +89,41 @@ def test_smolvlm_sized_follow_up_reuses_the_conversation_and_answers_the_same(sm
     plain_follow_up = engine.generate(follow_up, params, generate_overrides={"min_new_tokens": 8})
     assert (cached.text, cached_follow_up.text) == (plain.text, plain_follow_up.text)
     assert cached_follow_up.text and cached_follow_up.meta.reply_tokens == plain_follow_up.meta.reply_tokens == 8
+
+
+def test_the_vision_encoder_in_bfloat16_hands_float32_features_back_and_leaves_the_rest(smolvlm_path):
+    """`--vision-dtype`: the vision encoder's layers in bfloat16, its patch embeddings, the connector and
+    the text model in float32 (so `model.dtype` and decoding are as they were); auto picks it on a CPU
+    with AMX for this model and never for the demo model."""
+    import torch
+
+    from chatapp.core.config import ParameterError
+    from chatapp.serving.loading import load_model
+    from chatapp.serving.precision import amx_available, vision_dtype_of, vision_tower
+
+    plain = Engine.load(str(smolvlm_path), vision_dtype="float32")
+    mixed = Engine.load(str(smolvlm_path), vision_dtype="bfloat16")
+    assert (vision_dtype_of(plain.model), vision_dtype_of(mixed.model)) == ("float32", "bfloat16")
+    tower = vision_tower(mixed.model)
+    assert mixed.model.dtype == torch.float32 and next(tower.embeddings.parameters()).dtype == torch.float32
+    assert {p.dtype for p in tower.encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in mixed.model.model.text_model.parameters()} == {torch.float32}
+    image = shapes.render(shapes.random_scene(random.Random(1)))
+    inputs = plain.processor(text=["<image>Describe."], images=[[image]], return_tensors="pt",
+                             do_image_splitting=False)
+    with torch.inference_mode():
+        want = plain.model.get_image_features(inputs["pixel_values"]).pooler_output[0]
+        got = mixed.model.get_image_features(inputs["pixel_values"]).pooler_output[0]
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    relative = float((got - want).norm() / want.norm())
+    assert 0 < relative < 0.05, relative  # bfloat16 rounding, not another computation
+    reply = mixed.generate([{"role": "user", "content": [{"type": "image", "image": image},
+                                                         {"type": "text", "text": "Describe the image."}]}],
+                           validate_generation(temperature=0, max_new_tokens=3, image_detail="low"),
+                           generate_overrides={"min_new_tokens": 3})
+    assert reply.meta.reply_tokens == 3
+    auto = Engine.load(str(smolvlm_path))
+    assert vision_dtype_of(auto.model) == ("bfloat16" if amx_available() else "float32")
+    assert vision_dtype_of(Engine.load("demo").model) == "float32"
+    with pytest.raises(ParameterError, match="vision dtype"):
+        load_model("demo", vision_dtype="int8")

@@ -201,9 +201,11 @@ class Engine:
 
     @classmethod
     def load(cls, name: str, *, device: str | None = None, dtype: str | None = None,
-             quantization: str | None = None, max_context_tokens: int | None = None) -> "Engine":
+             quantization: str | None = None, max_context_tokens: int | None = None,
+             vision_dtype: str | None = None) -> "Engine":
         """Load a model by hub id, local folder or 'demo'. Failures raise ModelLoadError with the reason."""
-        model, processor = load_model(name, device=device, dtype=dtype, quantization=quantization)
+        model, processor = load_model(name, device=device, dtype=dtype, quantization=quantization,
+                                      vision_dtype=vision_dtype)
         return cls(model, processor, model_id=name, max_context_tokens=max_context_tokens)
 
     # ------------------------------------------------------------ prompt

@@ -10,6 +10,8 @@ Invariants:
 - With HF_HUB_OFFLINE set, or when the hub's host does not answer within 3 s, the hub is never
   asked: only the local cache is read, so an offline machine fails fast.
 - Quantization (bitsandbytes) is CUDA-only and refused elsewhere with the reason.
+- The vision encoder may run in bfloat16 inside a float32 model (`precision`, `--vision-dtype`;
+  auto: on CPUs with AMX, for real-size models); a quantized model is left as it is.
 """
 from __future__ import annotations
 
@@ -94,9 +96,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_model(name: str, *, device: str | None = None, dtype: str | None = None,
-               quantization: str | None = None):
-    """(model, processor) for a hub id, a local folder or 'demo', on its device and in eval mode.
-    Failures raise ModelLoadError with the reason."""
+               quantization: str | None = None, vision_dtype: str | None = None):
+    """(model, processor) for a hub id, a local folder or 'demo', on its device and in eval mode, its vision
+    encoder in `vision_dtype` (`precision`: "auto" by default). Failures raise ModelLoadError with the reason."""
+    from chatapp.serving.precision import VISION_DTYPES
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -104,6 +107,8 @@ def load_model(name: str, *, device: str | None = None, dtype: str | None = None
     device = pick_device(device)
     torch_dtype = pick_dtype(device, dtype)
     quant = quantization_config(quantization, device, torch_dtype)
+    if vision_dtype not in (None, *VISION_DTYPES):
+        raise ParameterError(f"vision dtype must be one of {', '.join(VISION_DTYPES)}, got {vision_dtype!r}")
     local = Path(path).exists()
     if not local and not HUB_ID.fullmatch(path):
         raise ModelLoadError(f"model {name!r} is neither a local folder nor a hub id like "
@@ -121,7 +126,10 @@ def load_model(name: str, *, device: str | None = None, dtype: str | None = None
                  "the local cache (the hub is unreachable or HF_HUB_OFFLINE is set)" if offline else "the hub")
         raise ModelLoadError(f"could not load model {name!r} from {where}: {str(error).splitlines()[0]}") from error
     if quant is None:
+        from chatapp.serving.precision import pick_vision_dtype, use_vision_dtype
+
         model.to(device)
+        use_vision_dtype(model, pick_vision_dtype(model, device, vision_dtype))
     model.eval()
     return model, processor
 

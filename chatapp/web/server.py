@@ -47,7 +47,7 @@ def serve(args) -> int:
         loaded = openai_backend(args, data)
     else:
         loaded = load_for_serving(config.requested_model(args.model), device=args.device, dtype=args.dtype,
-                                  quantization=args.quantize)
+                                  quantization=args.quantize, vision_dtype=getattr(args, "vision_dtype", None))
     if loaded.notice:
         print(f"notice: {loaded.notice}", file=sys.stderr)
     from chatapp.learning.fingerprint import base_fingerprint
