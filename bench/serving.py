@@ -37,6 +37,11 @@ excluded; median of 3), and the plain `model.generate` on the same prompt, over 
 float32 tensor, the way the issue measured it) / the weight bytes one decode step reads (the text model's
 parameters and the full output head; the input embedding counts one row, the vision tower none).
 Goal: at least 0.5.
+
+Vision precision (serving/precision.py): the model above is loaded as the app loads it (`--vision-dtype
+auto`: on a CPU with AMX its vision encoder runs in bfloat16); the same first turn at detail=high and
+low, new pictures each time, on the plain path, against the model loaded with its vision encoder in
+float32 (the plain library call). Prints TTFT and the ratio for each detail.
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ DETAIL_GOAL = 0.15  # first-turn TTFT at detail=low / at detail=high (issue 13)
 CHATTERS_THROUGHPUT_GOAL = 3.0  # aggregate tokens/s of N chatters / one chatter (issue 13)
 CHATTERS_TTFT_GOAL = 2.0  # p95 TTFT of N chatters / one chatter's (issue 13)
 DECODE_GOAL = 0.5  # one chatter's decode tokens/s / the memory-bandwidth bound (issue 13)
-SECTIONS = ("follow-ups", "chatters", "server", "decode")
+SECTIONS = ("follow-ups", "chatters", "server", "decode", "vision")
 
 
 def conversation_ttfts(engine: Engine, image, tokens: int,
@@ -94,6 +99,34 @@ def first_turn_at(engine: Engine, image, tokens: int, detail: str) -> tuple[floa
     reply = engine.generate(conversation, params, generate_overrides={"min_new_tokens": tokens})
     assert reply.meta.params["image_detail"] == detail
     return reply.meta.time_to_first_token_s, reply.meta.prompt_tokens
+
+
+def vision_precision(engine: Engine, tokens: int, repeats: int) -> tuple[dict, list[str]]:
+    """First-turn TTFT at each detail, the engine's vision dtype against float32, new pictures each time."""
+    from chatapp.serving.precision import vision_dtype_of
+
+    plain = Engine.load(engine.model_id, vision_dtype="float32")
+    rng = random.Random(7)
+    used = vision_dtype_of(engine.model)
+    figures: dict = {"vision_dtype": used}
+    for detail in ("high", "low"):
+        times = {}
+        for name, each in (("float32", plain), (used, engine)):
+            kept, each.cache = each.cache, None
+            times[name] = statistics.median(first_turn_at(each, shapes.render(shapes.random_scene(rng)), tokens,
+                                                          detail)[0] for _ in range(repeats))
+            each.cache = kept
+        figures[detail] = dict(times, ratio=times[used] / times["float32"])
+        print(f"  vision encoder, detail={detail}: float32 {times['float32']:.2f} s, {used} {times[used]:.2f} s "
+              f"({figures[detail]['ratio']:.2f}x)", flush=True)
+    plain.generation_thread.shutdown()  # its OpenMP team goes with its thread (precision.one_torch_thread)
+    table = ["| vision encoder (first turn, plain path) | TTFT at high (17 frames) | TTFT at low (1 frame) |",
+             "|---|---|---|",
+             f"| float32 (the library's) | {figures['high']['float32']:.2f} s | {figures['low']['float32']:.2f} s |",
+             f"| {used} (`--vision-dtype auto`, what the app runs) | {figures['high'][used]:.2f} s "
+             f"| {figures['low'][used]:.2f} s |",
+             f"| ratio | {figures['high']['ratio']:.2f} | {figures['low']['ratio']:.2f} |"]
+    return figures, table
 
 
 def p95(values: list[float]) -> float:
@@ -234,8 +267,12 @@ def decode_against_bandwidth(engine: Engine, tokens: int) -> tuple[dict, list[st
     prompt = [{"role": "user", "content": [{"type": "text", "text": "Tell me a story."}]}]
     rates = [engine.generate(prompt, params, generate_overrides={"min_new_tokens": tokens}).meta.tokens_per_s
              for _ in range(3)]
-    rate, plain = statistics.median(rates), plain_decode_rate(engine, prompt, tokens)
-    bandwidth, step_bytes = read_bandwidth(), decode_step_bytes(engine.model)
+    # The plain call and the bandwidth sum run on the engine's generation thread, as a script's would on
+    # its only thread: a second thread running parallel torch ops slows every later decode of the process
+    # (precision.one_torch_thread), and would make whichever side runs after it look slow.
+    on_thread = engine.generation_thread.submit
+    rate, plain = statistics.median(rates), on_thread(plain_decode_rate, engine, prompt, tokens).result()
+    bandwidth, step_bytes = on_thread(read_bandwidth).result(), decode_step_bytes(engine.model)
     bound = bandwidth / step_bytes
     figures = {"tokens": tokens, "decode_tokens_per_s": rate, "runs": rates, "read_bandwidth_gb_s": bandwidth / 1e9,
                "weight_bytes_per_token": step_bytes, "bound_tokens_per_s": bound, "ratio": rate / bound,
@@ -262,6 +299,9 @@ def main() -> None:
     parser.add_argument("--chatters", type=int, default=8, help="concurrent chatters in the many-chatters section")
     parser.add_argument("--chatter-tokens", type=int, default=64, help="tokens per reply in the many-chatters section")
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens of the reply in the decode section")
+    parser.add_argument("--vision-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="the model's vision encoder, as `serve --vision-dtype` (the vision section compares "
+                             "it with float32)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     if not sections <= set(SECTIONS):
@@ -271,9 +311,12 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    engine = Engine.load(str(build_smolvlm_sized_random(CACHE / "smolvlm-256m-random")))
+    engine = Engine.load(str(build_smolvlm_sized_random(CACHE / "smolvlm-256m-random")), vision_dtype=args.vision_dtype)
     image = shapes.render(shapes.random_scene(random.Random(0)))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; SmolVLM-sized random model, "
+    from chatapp.serving.precision import vision_dtype_of
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; SmolVLM-sized random model, vision encoder "
+          f"in {vision_dtype_of(engine.model)}, "
           f"{args.tokens}-token replies, {args.repeats} repeat(s), medians", flush=True)
     # the process's first generation pays one-time setup: a short text reply takes it, not the first measured turn
     engine.generate([{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
@@ -292,6 +335,7 @@ def main() -> None:
         server = through_server(CACHE / "smolvlm-256m-random", args.chatters, args.chatter_tokens, args.repeats,
                                 (CHATTERS_THROUGHPUT_GOAL, CHATTERS_TTFT_GOAL), p95)
     decode = decode_against_bandwidth(engine, args.decode_tokens) if "decode" in sections else None
+    vision = vision_precision(engine, args.tokens, args.repeats) if "vision" in sections else None
     if sections != set(SECTIONS):
         print("(a partial run: results printed, not saved)")
         return
@@ -342,9 +386,11 @@ def main() -> None:
               f"| high (17 frames) | {high:.2f} s | {high_tokens} |",
               f"| low / high | {detail_ratio:.3f} (goal <= {DETAIL_GOAL}) | |"]
     figures["many_chatters"], figures["server_chatters"], figures["decode"] = chatters[0], server[0], decode[0]
-    table += ["", *chatters[1], "", *server[1], "", *decode[1]]
+    figures["vision"] = vision[0]
+    table += ["", *chatters[1], "", *server[1], "", *decode[1], "", *vision[1]]
     save_results("serving", figures, table,
-                 f"SmolVLM-sized random model, one 17-frame image, {args.tokens}-token greedy replies, medians of "
+                 f"SmolVLM-sized random model (vision encoder in {vision[0]['vision_dtype']}), one 17-frame image, "
+                 f"{args.tokens}-token greedy replies, medians of "
                  f"{args.repeats}. Goal: follow-up / first turn <= {GOAL} with the cache. Replies identical with "
                  f"and without the cache: {identical}.")
 
