@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regime b of issue 15 (60 prompts x 3 answers, every answer voted; chatapp/learning/regimes.py) trained
 # on the SmolVLM-256M-sized model on a GPU machine, with the run's own cost estimate (learning/cost.py)
-# beside its wall time. NOT RUN YET: no device machine was lent to the session that wrote it.
+# beside its wall time. bench/device_checks.sh runs it on the device machine.
 #   bash bench/gpu_regime_b.sh [OUT_DIR]     (writes OUT_DIR/summary.json, train.log, gpu.txt)
 # The store is built with the demo model (its answers are what the votes judge); the SmolVLM-sized model
 # has random weights, so the gate's verdict means nothing here: the figures are time and memory.
@@ -11,8 +11,8 @@ OUT=${1:-/tmp/gpu-regime-b}
 PY=${PY:-.venv/bin/python}
 MODEL=bench/cache/smolvlm-256m-random
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-PYTHONPATH=. "$PY" - "$OUT" "$MODEL" <<'PY'
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no GPU (nvidia-smi: none)"; } | tee "$OUT/gpu.txt"
+PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PY" - "$OUT" "$MODEL" <<'PY'
 import sys
 from pathlib import Path
 from chatapp.demo.smolvlm_sized import build_smolvlm_sized_random
@@ -31,7 +31,7 @@ PY
 "$PY" -m chatapp train --data-dir "$OUT/data" --model "$MODEL" --batch-size 8 --publish never \
     --budget "${BUDGET_MIN:-6}" \
     2> >(tee "$OUT/train.log" >&2) | tee "$OUT/result.json"
-PYTHONPATH=. "$PY" - "$OUT" <<'PY'
+PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PY" - "$OUT" <<'PY'
 import json, sys
 from datetime import datetime
 from pathlib import Path
