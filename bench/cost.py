@@ -19,7 +19,7 @@ transformers: H200 bf16 dense peak 989 TFLOP/s at 25% utilisation (small 576-wid
 low); 20 ms per forward pass and per decode step for an 18-layer model, from transformers' own
 benchmark (hf-internal-testing/benchmark_results: gemma-2b eager, per-token latency 19-21 ms,
 prefill 20 ms), scaled by layer count (30 for SmolVLM-256M: 33 ms); batches as the product makes
-them (modelops.BATCH_TOKENS: 3 image prompts). KTO and DPO steps keep their measured CPU ratio to
+them on a GPU (modelops.batch_tokens: 28 image prompts). KTO and DPO steps keep their measured CPU ratio to
 an SFT step. It is labelled an estimate everywhere it appears.
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ def gpu_units(model, processor, units, settings, data):
     tokens = units.prompt_tokens
     flops_per_second = H200_BF16_FLOPS * GPU_UTILISATION
     forward = 2 * (vision_params * patches + text_params * tokens) / flops_per_second
-    batch = max(1, min(64, modelops.BATCH_TOKENS // tokens))
+    batch = max(1, min(64, modelops.batch_tokens("cuda") // tokens))
     sample_s = forward + settings.max_new_tokens * latency / batch
     score_s = forward + latency / batch
     # an SFT step: the text model forward and backward (3x), the frozen vision tower forward only

@@ -240,3 +240,60 @@ def test_which_generation_configs_are_batched():
     assert settings_batchable(GenerationConfig(repetition_penalty=1.0, no_repeat_ngram_size=0))  # spelled-out neutral
     assert not settings_batchable(GenerationConfig(repetition_penalty=1.2))  # generate() would apply the model's own
     assert not settings_batchable(GenerationConfig(no_repeat_ngram_size=3))
+
+
+def prefilled_together(engine, jobs):
+    """Every job's request waits while the generation thread is busy, so the batcher takes them at once."""
+    gate, replies, errors = threading.Event(), {}, []
+    engine.generation_thread.submit(gate.wait)
+
+    def worker(index, messages, params, kwargs):
+        try:
+            replies[index] = engine.generate(messages, params, **kwargs)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i, *job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while engine.batcher.waiting < len(jobs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    return [replies[i] for i in range(len(jobs))]
+
+
+def test_prompts_waiting_together_are_prefilled_in_one_pass_and_each_gets_its_reply_alone(engine):
+    # new pictures (no cached features), questions of different lengths (left padding), one text-only
+    # prompt (a cached template prefix: prefilled on its own) and a fifth beyond the four taken at once
+    jobs = [(conversation(seed, with_image=seed != 503), validate_generation(temperature=0, max_new_tokens=12 + seed % 5),
+             {}) for seed in range(500, 505)]
+    engine.batcher.prefill_rows, engine.batcher.largest_prefill = 4, 0
+    try:
+        together = prefilled_together(engine, jobs)
+    finally:
+        engine.batcher.prefill_rows = 1
+    assert engine.batcher.largest_prefill == 3
+    cache, engine.cache = engine.cache, None  # the plain path: every prompt computed on its own
+    try:
+        expected = [alone(engine, *job[:2], **job[2]) for job in jobs]
+    finally:
+        engine.cache = cache
+    assert [r.text for r in together] == [r.text for r in expected]
+    assert [(r.meta.reply_tokens, r.meta.prompt_tokens) for r in together] == \
+        [(r.meta.reply_tokens, r.meta.prompt_tokens) for r in expected]
+    # the joint pass kept each conversation's KV: its follow-up reuses it, with the same reply as uncached
+    follow_up = jobs[0][0] + [{"role": "assistant", "content": [{"type": "text", "text": together[0].text}]},
+                              {"role": "user", "content": [{"type": "text", "text": "And the colour?"}]}]
+    params = validate_generation(temperature=0, max_new_tokens=12)
+    reused = engine.cache.stats["reused_tokens"]
+    cached_reply = engine.generate(follow_up, params)
+    assert engine.cache.stats["reused_tokens"] - reused >= together[0].meta.prompt_tokens
+    engine.cache = None
+    try:
+        assert cached_reply.text == engine.generate(follow_up, params).text
+    finally:
+        engine.cache = cache

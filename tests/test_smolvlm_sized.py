@@ -127,3 +127,28 @@ def test_the_vision_encoder_in_bfloat16_hands_float32_features_back_and_leaves_t
     assert vision_dtype_of(Engine.load("demo").model) == "float32"
     with pytest.raises(ParameterError, match="vision dtype"):
         load_model("demo", vision_dtype="int8")
+
+
+def test_prompts_prefilled_together_with_different_frame_counts_each_get_their_reply_alone(smolvlm_path):
+    # where several prompts are prefilled in one pass (an accelerator), a 1-frame prompt (detail=low)
+    # is padded with all-zero frames beside a 17-frame one (high): the model drops them, and each reply
+    # is the one its prompt gets alone (the encoder in float32 here: the comparison is of arithmetic,
+    # and a random model's near-even logits would turn bfloat16 rounding into other tokens)
+    from test_batching import prefilled_together
+
+    engine = Engine.load(str(smolvlm_path), vision_dtype="float32")
+    engine.batcher.prefill_rows = 3
+    jobs = []
+    for seed, detail in ((40, "low"), (41, "high"), (42, "low")):
+        image = shapes.render(shapes.random_scene(random.Random(seed)))
+        jobs.append(([{"role": "user", "content": [{"type": "image", "image": image},
+                                                   {"type": "text", "text": "Describe the image." + " Briefly." * (seed - 40)}]}],
+                     validate_generation(temperature=0, max_new_tokens=4, image_detail=detail),
+                     {"generate_overrides": {"min_new_tokens": 4}}))
+    together = prefilled_together(engine, jobs)
+    assert engine.batcher.largest_prefill == 3
+    engine.cache, engine.batching = None, False
+    expected = [engine.generate(*job[:2], **job[2]) for job in jobs]
+    assert [r.meta.prompt_tokens for r in together] == [r.meta.prompt_tokens for r in expected]
+    assert together[1].meta.prompt_tokens > 17 * 64 > together[0].meta.prompt_tokens
+    assert [r.text for r in together] == [r.text for r in expected]

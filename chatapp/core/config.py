@@ -129,6 +129,13 @@ SERVING_CACHE_BYTES = 512 * 2**20
 # time (each holds the model for its whole length, through `generate()`).
 BATCHING = True
 MAX_BATCH_SIZE = 8
+# Prompts that wait together are prefilled together, in one forward pass of at most
+# PREFILL_TOGETHER_ROWS rows and PREFILL_TOGETHER_TOKENS prompt tokens, on an accelerator: there one
+# prompt's pass waits on kernel launches, and eight cost about what one does. On a CPU they are
+# prefilled one at a time (1): prefill is compute bound there, a group ends no sooner than its prompts
+# one after another, and the first prompt would wait for the last.
+PREFILL_TOGETHER_ROWS = MAX_BATCH_SIZE
+PREFILL_TOGETHER_TOKENS = 16384
 
 # Web server limits: waiting requests beyond QUEUE_MAX_SIZE are refused with "queue full";
 # generation events run CHAT_CONCURRENCY at a time (as many as the engine batches: their decode

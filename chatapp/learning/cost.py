@@ -267,7 +267,7 @@ def calibrate(base, processor, method: str, data, settings: TrainSettings, load_
     items = [{"prompt": p["prompt"], "images": modelops.load_images(p["images"])} for p in sources[:SAMPLE_BATCH]]
     tokens = _prompt_tokens(processor, items[0])
     # one batch of answers as the run makes them: best_of per prompt, as many as a batch holds
-    batch = max(1, min(SAMPLE_BATCH, modelops.BATCH_TOKENS // tokens))
+    batch = max(1, min(SAMPLE_BATCH, modelops.batch_tokens(base.device) // tokens))
     per_prompt = min(settings.best_of, batch)
     prompts = items[:max(1, batch // per_prompt)]
     timer = time.perf_counter()

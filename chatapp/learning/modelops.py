@@ -32,15 +32,24 @@ def load_images(paths: list[str]) -> list:
     return [load_image(p) for p in paths]
 
 
-# Prompt tokens per batch: a SmolVLM image is ~1,100 tokens (17 tiles through the vision tower), so
+# Prompt tokens per batch. A SmolVLM image is ~1,100 tokens (17 tiles through the vision tower), so
 # a batch of 32 such prompts would need tens of GB on a CPU; the demo model's ~40-token prompts still
-# fill whole batches.
+# fill whole batches. On a GPU a decode step of 3 rows costs about what one of 30 does (it waits on
+# kernel launches, not arithmetic: an H200 sampled 3 answers to 1,140-token prompts in a ~9 s batch,
+# docs/learning.md), so its batches hold 8 times more: ~5 GB of activations for SmolVLM-256M in bfloat16.
 BATCH_TOKENS = 4096
+BATCH_TOKENS_ACCELERATOR = 32768
 
 
-def _groups(items: list, batch_size: int, processor=None):
+def batch_tokens(device) -> int:
+    """Prompt tokens one batch of sampling or scoring may hold on `device` (a torch.device or its name)."""
+    kind = getattr(device, "type", str(device).split(":")[0])
+    return BATCH_TOKENS if kind == "cpu" else BATCH_TOKENS_ACCELERATOR
+
+
+def _groups(items: list, batch_size: int, processor=None, device="cpu"):
     """Index batches of items with the same number of images, at most `batch_size` each and, given
-    the processor, at most BATCH_TOKENS prompt tokens (measured on each group's first prompt)."""
+    the processor, at most `batch_tokens(device)` prompt tokens (measured on each group's first prompt)."""
     by_count: dict[int, list[int]] = {}
     for i, item in enumerate(items):
         by_count.setdefault(len(item["images"]), []).append(i)
@@ -50,7 +59,7 @@ def _groups(items: list, batch_size: int, processor=None):
             first = items[indexes[0]]
             text = processor.apply_chat_template(first["prompt"], add_generation_prompt=True)
             tokens = _processor_batch(processor, [text], [first["images"]], "right")["input_ids"].shape[1]
-            size = max(1, min(batch_size, BATCH_TOKENS // tokens))
+            size = max(1, min(batch_size, batch_tokens(device) // tokens))
         for start in range(0, len(indexes), size):
             yield indexes[start:start + size]
 
@@ -77,7 +86,7 @@ def completion_logps(model, processor, items: list[dict], batch_size: int = 32,
     (PIL images). Returns a float tensor in item order."""
     out = torch.zeros(len(items))
     template = processor.apply_chat_template
-    for batch in _groups(items, batch_size, processor):
+    for batch in _groups(items, batch_size, processor, model.device):
         prompts = [template(items[i]["prompt"], add_generation_prompt=True) for i in batch]
         fulls = [template(items[i]["prompt"] + [_answer_message(items[i]["completion"])]) for i in batch]
         images = [items[i]["images"] for i in batch]
@@ -124,7 +133,7 @@ def sample_answers(model, processor, items: list[dict], n: int, *, temperature: 
     torch.manual_seed(seed)
     expanded = [i for i in range(len(items)) for _ in range(repeats)]
     flat = [items[i] for i in expanded]
-    for batch in _groups(flat, batch_size, processor):
+    for batch in _groups(flat, batch_size, processor, model.device):
         prompts = [processor.apply_chat_template(flat[j]["prompt"], add_generation_prompt=True) for j in batch]
         inputs = _processor_batch(processor, prompts, [flat[j]["images"] for j in batch], "left")
         inputs = {k: v.to(model.device) for k, v in inputs.items()}

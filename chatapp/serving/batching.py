@@ -4,8 +4,11 @@ forward pass, and a new request joins the batch without waiting for the running 
 own continuous batching takes no pixel_values and no per-row LoRA, see ../shared/NOTES.md).
 
 How: a request is prefilled on its own (its prompt from the longest cached prefix, as the engine
-plans it: `Request.prepare`) into a one-row DynamicCache, and its first token is chosen. At the
-next step the row joins the batch cache, both left-padded to a common length, with a 2-D
+plans it: `Request.prepare`) into a one-row DynamicCache, and its first token is chosen. Where
+`prefill_rows` > 1 (an accelerator: config.PREFILL_TOGETHER_ROWS), the requests waiting together
+are prefilled together: those that start from an empty cache (`prepare(together=True)` keeps their
+pixel_values) run as one left-padded forward pass, their images encoded in it, and each row's KV is
+cut out of it without padding. At the next step the row joins the batch cache, both left-padded to a common length, with a 2-D
 attention mask that hides the padding and per-row position ids (the layout generate() uses for a
 left-padded batch). Each step feeds every row its last token; rows that end leave the batch, and
 columns that no remaining row uses are cut off.
@@ -13,8 +16,11 @@ columns that no remaining row uses are cut off.
 Invariants:
 - At most `max_batch_size` rows decode at once; later requests wait in arrival order (the web
   server's queue limits and its busy message sit in front of this, unchanged).
-- At most one prompt is prefilled between two decode steps: a running reply goes on producing a
-  token per prompt that joins; a new request waits for the prefills queued before it.
+- At most one prefill (one prompt, or on an accelerator up to `prefill_rows` prompts of at most
+  `prefill_tokens` tokens together) runs between two decode steps: a running reply goes on producing
+  a token per prefill; a new request waits for the prefills queued before it. A prompt prefilled
+  with others gets the reply it gets alone up to float reassociation, as a batched decode row does;
+  if their joint pass fails, each is prefilled on its own.
 - Each row answers from its own adapter version, fixed when it was submitted: when every row
   has the same version the batch runs as that version (peft's active adapter, or the adapters
   disabled for the base); a mixed batch passes peft's per-row `adapter_names` ("__base__" for the
@@ -75,8 +81,9 @@ class Prefill:
 
 @dataclass
 class Request:
-    """One reply to generate. `prepare` runs on the generation thread, under the row's adapter."""
-    prepare: Callable[[], Prefill]
+    """One reply to generate. `prepare(together)` runs on the generation thread, under the row's
+    adapter; `together`: its prompt may be prefilled with others (see the module's docstring)."""
+    prepare: Callable[..., Prefill]
     version: str | None  # the adapter version (None: the base)
     params: object  # config.GenerationParams
     seed: int
@@ -125,12 +132,16 @@ class Batcher:
     loads); `lock` is the engine's model lock; `executor` its single generation thread."""
 
     def __init__(self, model: Callable[[], object], lock: threading.Lock, executor, eos_ids: list[int],
-                 max_batch_size: int = config.MAX_BATCH_SIZE):
+                 max_batch_size: int = config.MAX_BATCH_SIZE, pad_id: int = 0, prefill_rows: int = 1,
+                 prefill_tokens: int = config.PREFILL_TOGETHER_TOKENS):
         self._model = model
         self._lock = lock
         self._executor = executor
         self._eos_ids = eos_ids
+        self._pad_id = pad_id  # fills the left of shorter prompts in a joint prefill (masked out)
         self.max_batch_size = max_batch_size
+        self.prefill_rows = prefill_rows  # prompts prefilled in one forward pass at most (1: each alone)
+        self.prefill_tokens = prefill_tokens  # and their prompt tokens at most
         self._condition = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[Row] = []
@@ -138,6 +149,7 @@ class Batcher:
         self._cache = None  # the batch's DynamicCache: row i is batch index i, left-padded
         self._mask = None  # (rows, cache length) attention mask: 0 on padding
         self.largest_batch = 0  # the most rows one decode step has run (benchmarks and tests read it)
+        self.largest_prefill = 0  # the most prompts one forward pass has prefilled
 
     @property
     def rows(self) -> int:
@@ -181,16 +193,16 @@ class Batcher:
                     given_up = [request for request in self._waiting if request.stop.is_set()]
                     for request in given_up:
                         self._waiting.remove(request)
-                    request = self._waiting.popleft() \
-                        if self._waiting and len(self._rows) < self.max_batch_size else None
-                    if request is None and not self._rows and not given_up:
+                    room = min(self.prefill_rows, self.max_batch_size - len(self._rows), len(self._waiting))
+                    requests = [self._waiting.popleft() for _ in range(max(0, room))]
+                    if not requests and not self._rows and not given_up:
                         self._running = False
                         return
                 for stopped in given_up:
                     self._signal_end(stopped)
                 with torch.inference_mode():
-                    if request is not None:
-                        self._admit(request)
+                    if requests:
+                        self._admit(requests)
                     if self._rows:
                         self._step()
         except BaseException as error:  # a fault of the loop itself: no request may be left waiting
@@ -200,38 +212,132 @@ class Batcher:
             self._fail([row.request for row in self._rows] + waiting, error)
             raise
 
-    def _admit(self, request: Request) -> None:
-        """Prefill `request` on its own and choose its first token; it joins the batch at the next step."""
-        import torch
-
-        ended = False
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill `requests` (alone, or those that can together) and choose each one's first token;
+        they join the batch at the next step."""
+        ended = []
         try:
             with self._lock:
-                if request.stop.is_set():  # stopped while waiting: no token at all
-                    ended = True
-                    return
-                model = self._model()
-                with _adapters(model, [request.version]) as extra:
-                    prefill = request.prepare()
-                    ids, past = prefill.input_ids, prefill.past
-                    cached = past.get_seq_length()
-                    positions = torch.arange(cached, ids.shape[1], device=ids.device).unsqueeze(0)
-                    output = model(input_ids=ids[:, cached:], attention_mask=torch.ones_like(ids),
-                                   position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1,
-                                   **prefill.inputs, **extra)
-                row = Row(request, prefill, self._eos_ids, ids.device)
-                if row.take(int(row.choose(output.logits[:, -1, :]))):
-                    ended = True
-                    if row.on_finish is not None:
-                        row.on_finish(torch.tensor([row.ids], device=ids.device), past)
-                    return
-                self._join(row, past)
-        except BaseException as error:  # this request's own failure (its prompt, an adapter): only it ends
-            request.error = error
-            ended = True
+                model, ready = self._model(), []
+                together = len(requests) > 1
+                for request in requests:
+                    if request.stop.is_set():  # stopped while waiting: no token at all
+                        ended.append(request)
+                        continue
+                    try:
+                        with _adapters(model, [request.version]):
+                            ready.append((request, request.prepare(together) if together else request.prepare()))
+                    except BaseException as error:  # this request's own failure (its prompt): only it ends
+                        request.error = error
+                        ended.append(request)
+                for group in self._groups(ready):
+                    joint = None
+                    if len(group) > 1:
+                        try:
+                            joint = self._joint_pass(model, group)
+                        except Exception:  # the joint pass failed (memory, say): each prompt on its own
+                            joint = None
+                    if joint is not None:
+                        ended += self._rows_from_joint(model, group, *joint)
+                        continue
+                    for request, prefill in group:
+                        try:
+                            ended += self._prefill_alone(model, request, prefill)
+                        except BaseException as error:  # this request's own failure (an adapter): only it ends
+                            request.error = error
+                            ended.append(request)
         finally:
-            if ended:
+            for request in ended:
                 self._signal_end(request)
+
+    def _groups(self, ready: list) -> list[list]:
+        """`ready` (request, prefill) split into what is prefilled in one pass: prompts from an empty
+        cache with the same kinds of inputs, up to `prefill_rows` and `prefill_tokens`; the rest alone."""
+        groups, open_groups = [], {}
+        for request, prefill in ready:
+            if prefill.past.get_seq_length() or self.prefill_rows < 2:
+                groups.append([(request, prefill)])
+                continue
+            kind = tuple(sorted(prefill.inputs))
+            group = open_groups.get(kind)
+            tokens = prefill.input_ids.shape[1]
+            if group is None or len(group) >= self.prefill_rows or \
+                    sum(p.input_ids.shape[1] for _, p in group) + tokens > self.prefill_tokens:
+                group = open_groups[kind] = []
+                groups.append(group)
+            group.append((request, prefill))
+        return groups
+
+    def _prefill_alone(self, model, request: Request, prefill: Prefill) -> list[Request]:
+        """One prompt's forward pass; its row joins the batch unless its first token ends it. Returns
+        the requests that ended."""
+        import torch
+
+        ids, past = prefill.input_ids, prefill.past
+        cached = past.get_seq_length()
+        positions = torch.arange(cached, ids.shape[1], device=ids.device).unsqueeze(0)
+        with _adapters(model, [request.version]) as extra:
+            output = model(input_ids=ids[:, cached:], attention_mask=torch.ones_like(ids),
+                           position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1,
+                           **prefill.inputs, **extra)
+        self.largest_prefill = max(self.largest_prefill, 1)
+        return self._first_token(Row(request, prefill, self._eos_ids, ids.device), output.logits[:, -1, :], past)
+
+    def _joint_pass(self, model, group: list):
+        """Prompts from an empty cache in one left-padded forward pass (their images encoded in it):
+        (last-position logits, joint cache, prompt lengths)."""
+        import torch
+        from transformers import DynamicCache
+
+        lengths = [prefill.input_ids.shape[1] for _, prefill in group]
+        width = max(lengths)
+        ids = torch.cat([torch.nn.functional.pad(prefill.input_ids, (width - n, 0), value=self._pad_id)
+                         for (_, prefill), n in zip(group, lengths)])
+        mask = torch.cat([torch.nn.functional.pad(ids.new_ones((1, n)), (width - n, 0)) for n in lengths])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = {}
+        for key in group[0][1].inputs:
+            tensors = [prefill.inputs[key] for _, prefill in group]
+            if key in ("pixel_values", "pixel_attention_mask"):  # (1, frames, ...): all-zero frames pad a row
+                frames = max(t.shape[1] for t in tensors)
+                tensors = [torch.cat([t, t.new_zeros((1, frames - t.shape[1], *t.shape[2:]))], dim=1) for t in tensors]
+            inputs[key] = torch.cat(tensors)
+        past = DynamicCache(config=model.config)
+        with _adapters(model, [request.version for request, _ in group]) as extra:
+            output = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                           use_cache=True, logits_to_keep=1, **inputs, **extra)
+        self.largest_prefill = max(self.largest_prefill, len(group))
+        return output.logits[:, -1, :], past, lengths
+
+    def _rows_from_joint(self, model, group: list, logits, past, lengths: list[int]) -> list[Request]:
+        """Each prompt of a joint pass as a row: its KV cut out of the joint cache without its padding
+        (a copy), its first token chosen. Returns the requests that ended."""
+        from transformers import DynamicCache
+
+        ended, width = [], max(lengths)
+        for index, ((request, prefill), n) in enumerate(zip(group, lengths)):
+            try:
+                own = DynamicCache(config=model.config)
+                for layer, joint in zip(own.layers, past.layers):
+                    layer.update(joint.keys[index:index + 1, :, width - n:, :],
+                                 joint.values[index:index + 1, :, width - n:, :])
+                row = Row(request, prefill, self._eos_ids, logits.device)
+                ended += self._first_token(row, logits[index:index + 1], own)
+            except BaseException as error:  # this row's own failure: only it ends
+                request.error = error
+                ended.append(request)
+        return ended
+
+    def _first_token(self, row: Row, logits, past) -> list[Request]:
+        """Choose `row`'s first token; it joins the batch with `past` unless that token ends it."""
+        import torch
+
+        if row.take(int(row.choose(logits))):
+            if row.on_finish is not None:
+                row.on_finish(torch.tensor([row.ids], device=logits.device), past)
+            return [row.request]
+        self._join(row, past)
+        return []
 
     def _join(self, row: Row, past) -> None:
         import torch

@@ -213,10 +213,15 @@ class Plan:
 
 
 def plan(owner: ServingCache, model, processor, inputs, images: list, version, *,
-         image_detail: str = "high") -> Plan | None:
+         image_detail: str = "high", encode_images: bool = True) -> Plan | None:
     """Inputs for `model.generate` that reuse `owner`'s longest matching prefix and cached image
     features (run it under the adapter context the reply uses: features depend on the weights;
     `image_detail` is the detail `inputs` were made at).
+    `encode_images=False` (a prompt prefilled together with others: batching.py): a prompt none of
+    whose images is cached or in a reused prefix keeps its pixel_values and starts from an empty
+    cache (the few template tokens it shares with other conversations are computed again), so the
+    caller's one forward pass encodes every prompt's images together; its features are not stored
+    (its follow-ups reuse the conversation's KV, image included).
     None: take the plain path (no budget, or a model or layout the cache does not know)."""
     import torch
     from transformers import DynamicCache
@@ -241,6 +246,14 @@ def plan(owner: ServingCache, model, processor, inputs, images: list, version, *
     digests = [image_digest(image, settings) for image in images]
     spans = [(start, runs[-1][1]) for start, runs in layout]
     entry, length = owner.longest_prefix(version, ids, digests, spans)
+    if not encode_images and layout and length <= spans[0][0] \
+            and not any(("image", version, digest) in owner._entries for digest in digests):
+        owner.stats["prefix_misses"] += 1
+        kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                  "past_key_values": past, "pixel_values": inputs["pixel_values"]}
+        if inputs.get("pixel_attention_mask") is not None:
+            kwargs["pixel_attention_mask"] = inputs["pixel_attention_mask"]
+        return Plan(kwargs, 0, owner, version, digests, spans)
     if entry is None:
         owner.stats["prefix_misses"] += 1
     else:

@@ -100,7 +100,10 @@ class Engine:
         generation_eos = model.generation_config.eos_token_id  # where generate() stops; batched rows stop alike
         self.batcher = Batcher(lambda: self.model, self._lock, self.generation_thread,
                                list(generation_eos) if isinstance(generation_eos, list)
-                               else [generation_eos] if generation_eos is not None else [])
+                               else [generation_eos] if generation_eos is not None else [],
+                               pad_id=self._pad_id)
+        if model.device.type != "cpu":
+            self.batcher.prefill_rows = config.PREFILL_TOGETHER_ROWS
         self.batching = config.BATCHING  # False: one reply at a time, through generate()
         self._cache_batchable = cache_batchable(model)
 
@@ -315,13 +318,13 @@ class Engine:
         prepared["images"] = len(self._prompt_images)
         return inputs, max_new_tokens
 
-    def _plan(self, inputs, version, params: GenerationParams):
+    def _plan(self, inputs, version, params: GenerationParams, encode_images: bool = True):
         """The same prompt, from the longest prefix this adapter version (named and where it was loaded
         from) computed before; None: the whole prompt (no cache, or a layout it does not know)."""
         weights = (version, str(self._paths.get(version)) if version is not None else None)
         return self.cache is not None and plan_cached(self.cache, self.model, self.processor, inputs,
                                                       self._prompt_images, weights,
-                                                      image_detail=params.image_detail)
+                                                      image_detail=params.image_detail, encode_images=encode_images)
 
     def _stream_batched(self, messages, params: GenerationParams, system_prompt, stop: StopSignal,
                         overrides: dict, adapter) -> Iterator[StreamEvent]:
@@ -335,11 +338,11 @@ class Engine:
         seed = params.seed if params.seed is not None else secrets.randbelow(config.SEED_MAX)
         prepared: dict = {}
 
-        def prepare() -> Prefill:  # on the generation thread, under the model lock and this reply's adapter
-            from transformers import DynamicCache
+        def prepare(together: bool = False) -> Prefill:  # on the generation thread, under the model lock and
+            from transformers import DynamicCache                # this reply's adapter
 
             inputs, max_new_tokens = self._model_inputs(messages, params, system_prompt, prepared)
-            cached = self._plan(inputs, version, params)
+            cached = self._plan(inputs, version, params, encode_images=not together)
             if cached:
                 extra = {k: v for k, v in cached.kwargs.items()
                          if k not in ("input_ids", "attention_mask", "past_key_values")}
