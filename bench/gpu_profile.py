@@ -32,6 +32,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chatters", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--torch-profile", action="store_true",
+                        help="also run the N chatters under torch.profiler and print its busiest operators")
     args = parser.parse_args()
     import torch
 
@@ -73,6 +75,45 @@ def main() -> None:
         for part, values in sorted(times.items(), key=lambda item: -sum(item[1])):
             print(f"  {part:<16} {sum(values):7.3f} s  {len(values):5d} x  {1000 * sum(values) / len(values):8.2f} ms")
     engine.model.forward = forward
+    # the decode step's forward pass alone, in this thread (no batcher, no streaming consumers): a
+    # left-padded batch as the batcher makes it, against one row
+    from transformers import DynamicCache
+
+    def decode_steps(rows: int, steps: int = 20, length: int = 120):
+        model = engine.model
+        device = model.device
+        cache = DynamicCache(config=model.config)
+        ids = torch.randint(100, 1000, (rows, length), device=device)
+        mask = torch.ones((rows, length), dtype=torch.long, device=device)
+        mask[1:, :rows] = 0  # some left padding, as rows of different lengths have
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
+            sync()
+            started = time.perf_counter()
+            for step in range(steps):
+                mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+                model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:] + step + 1,
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+            sync()
+        return (time.perf_counter() - started) / steps
+
+    for rows in (1, args.chatters):
+        decode_steps(rows, steps=3)
+        print(f"decode step alone, {rows} row(s): {1000 * decode_steps(rows):.1f} ms")
+    if args.torch_profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        for rows in (1, args.chatters):
+            with profile(activities=activities) as profiler:
+                decode_steps(rows, steps=10)
+            print(f"== profile of 10 decode steps, {rows} row(s)")
+            averages = profiler.key_averages()
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
+            if torch.cuda.is_available():
+                print(averages.table(sort_by="self_cuda_time_total", row_limit=10, max_name_column_width=50))
     for detail in ("low", "high"):
         conversation = [{"role": "user", "content": [{"type": "image", "image": images(1)[0]},
                                                      {"type": "text", "text": "Describe the image."}]}]

