@@ -51,13 +51,12 @@ Invariants:
 from __future__ import annotations
 
 import collections
-import contextlib
-import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
 from chatapp.core import config
+from chatapp.serving.prefill import Prefill, adapters, joint_inputs, prefill_groups, row_cache
 from chatapp.serving.row_sampling import Row
 
 def cache_batchable(model) -> bool:
@@ -67,16 +66,6 @@ def cache_batchable(model) -> bool:
     from chatapp.serving.cache import reusable
 
     return reusable(DynamicCache(config=model.config))
-
-
-@dataclass
-class Prefill:
-    """A request's prompt, ready for the model (what `Request.prepare` returns)."""
-    input_ids: object  # (1, n) tensor: the whole prompt
-    past: object  # a DynamicCache holding the prompt's first k < n positions (k = 0: an empty one)
-    inputs: dict  # other forward() inputs for the uncached part: pixel_values and its mask, or mm_encoder_outputs
-    max_new_tokens: int
-    on_finish: Callable | None = None  # (ids (1, m) tensor, DynamicCache of the first m - 1) when the row ends
 
 
 @dataclass
@@ -92,28 +81,6 @@ class Request:
     min_new_tokens: int = 0
     error: BaseException | None = None
     finished: threading.Event = field(default_factory=threading.Event)
-
-
-@contextlib.contextmanager
-def _adapters(model, versions: list):
-    """Run the model as `versions` (one per row; None = the base). Yields extra forward() arguments."""
-    peft = sys.modules.get("peft")  # not imported: no adapter was ever loaded (importing it costs seconds)
-    if peft is None or not isinstance(model, peft.PeftModel):  # no adapter loaded yet: every row is the base
-        yield {}
-        return
-    distinct = set(versions)
-    if len(distinct) > 1:
-        yield {"adapter_names": [version if version is not None else "__base__" for version in versions]}
-        return
-    (version,) = distinct
-    if version is None:
-        with model.disable_adapter():
-            yield {}
-        return
-    if model.active_adapter != version:
-        model.set_adapter(version)
-        model.eval()  # peft's set_adapter marks the adapter trainable
-    yield {}
 
 
 def _pad_left(tensor, width: int):
@@ -225,12 +192,12 @@ class Batcher:
                         ended.append(request)
                         continue
                     try:
-                        with _adapters(model, [request.version]):
+                        with adapters(model, [request.version]):
                             ready.append((request, request.prepare(together) if together else request.prepare()))
                     except BaseException as error:  # this request's own failure (its prompt): only it ends
                         request.error = error
                         ended.append(request)
-                for group in self._groups(ready):
+                for group in prefill_groups(ready, self.prefill_rows, self.prefill_tokens):
                     joint = None
                     if len(group) > 1:
                         try:
@@ -250,24 +217,6 @@ class Batcher:
             for request in ended:
                 self._signal_end(request)
 
-    def _groups(self, ready: list) -> list[list]:
-        """`ready` (request, prefill) split into what is prefilled in one pass: prompts from an empty
-        cache with the same kinds of inputs, up to `prefill_rows` and `prefill_tokens`; the rest alone."""
-        groups, open_groups = [], {}
-        for request, prefill in ready:
-            if prefill.past.get_seq_length() or self.prefill_rows < 2:
-                groups.append([(request, prefill)])
-                continue
-            kind = tuple(sorted(prefill.inputs))
-            group = open_groups.get(kind)
-            tokens = prefill.input_ids.shape[1]
-            if group is None or len(group) >= self.prefill_rows or \
-                    sum(p.input_ids.shape[1] for _, p in group) + tokens > self.prefill_tokens:
-                group = open_groups[kind] = []
-                groups.append(group)
-            group.append((request, prefill))
-        return groups
-
     def _prefill_alone(self, model, request: Request, prefill: Prefill) -> list[Request]:
         """One prompt's forward pass; its row joins the batch unless its first token ends it. Returns
         the requests that ended."""
@@ -276,7 +225,7 @@ class Batcher:
         ids, past = prefill.input_ids, prefill.past
         cached = past.get_seq_length()
         positions = torch.arange(cached, ids.shape[1], device=ids.device).unsqueeze(0)
-        with _adapters(model, [request.version]) as extra:
+        with adapters(model, [request.version]) as extra:
             output = model(input_ids=ids[:, cached:], attention_mask=torch.ones_like(ids),
                            position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1,
                            **prefill.inputs, **extra)
@@ -284,45 +233,25 @@ class Batcher:
         return self._first_token(Row(request, prefill, self._eos_ids, ids.device), output.logits[:, -1, :], past)
 
     def _joint_pass(self, model, group: list):
-        """Prompts from an empty cache in one left-padded forward pass (their images encoded in it):
-        (last-position logits, joint cache, prompt lengths)."""
-        import torch
+        """The group's prompts in one forward pass: (last-position logits, joint cache, prompt lengths)."""
         from transformers import DynamicCache
 
-        lengths = [prefill.input_ids.shape[1] for _, prefill in group]
-        width = max(lengths)
-        ids = torch.cat([torch.nn.functional.pad(prefill.input_ids, (width - n, 0), value=self._pad_id)
-                         for (_, prefill), n in zip(group, lengths)])
-        mask = torch.cat([torch.nn.functional.pad(ids.new_ones((1, n)), (width - n, 0)) for n in lengths])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        inputs = {}
-        for key in group[0][1].inputs:
-            tensors = [prefill.inputs[key] for _, prefill in group]
-            if key in ("pixel_values", "pixel_attention_mask"):  # (1, frames, ...): all-zero frames pad a row
-                frames = max(t.shape[1] for t in tensors)
-                tensors = [torch.cat([t, t.new_zeros((1, frames - t.shape[1], *t.shape[2:]))], dim=1) for t in tensors]
-            inputs[key] = torch.cat(tensors)
+        ids, mask, positions, inputs, lengths = joint_inputs(group, self._pad_id)
         past = DynamicCache(config=model.config)
-        with _adapters(model, [request.version for request, _ in group]) as extra:
+        with adapters(model, [request.version for request, _ in group]) as extra:
             output = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
                            use_cache=True, logits_to_keep=1, **inputs, **extra)
         self.largest_prefill = max(self.largest_prefill, len(group))
         return output.logits[:, -1, :], past, lengths
 
     def _rows_from_joint(self, model, group: list, logits, past, lengths: list[int]) -> list[Request]:
-        """Each prompt of a joint pass as a row: its KV cut out of the joint cache without its padding
-        (a copy), its first token chosen. Returns the requests that ended."""
-        from transformers import DynamicCache
-
-        ended, width = [], max(lengths)
-        for index, ((request, prefill), n) in enumerate(zip(group, lengths)):
+        """Each prompt of a joint pass as a row with its own KV (`row_cache`) and first token. Returns
+        the requests that ended."""
+        ended = []
+        for index, (request, prefill) in enumerate(group):
             try:
-                own = DynamicCache(config=model.config)
-                for layer, joint in zip(own.layers, past.layers):
-                    layer.update(joint.keys[index:index + 1, :, width - n:, :],
-                                 joint.values[index:index + 1, :, width - n:, :])
                 row = Row(request, prefill, self._eos_ids, logits.device)
-                ended += self._first_token(row, logits[index:index + 1], own)
+                ended += self._first_token(row, logits[index:index + 1], row_cache(model, past, index, lengths))
             except BaseException as error:  # this row's own failure: only it ends
                 request.error = error
                 ended.append(request)
@@ -377,7 +306,7 @@ class Batcher:
                 input_ids = torch.tensor([[row.ids[-1]] for row in rows], device=device)
                 positions = torch.tensor([[row.cached] for row in rows], device=device)
                 mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-                with _adapters(model, [row.request.version for row in rows]) as extra:
+                with adapters(model, [row.request.version for row in rows]) as extra:
                     output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                    past_key_values=self._cache, use_cache=True, logits_to_keep=1, **extra)
                 self._mask = mask

@@ -49,7 +49,8 @@ from chatapp.core import config
 from chatapp.core.config import GenerationParams, ParameterError
 from chatapp.core.errors import EngineError, ModelLoadError  # noqa: F401 (re-exported)
 from chatapp.serving.backend import AdapterLoadError  # noqa: F401 (re-exported: peft refused a version)
-from chatapp.serving.batching import Batcher, Prefill, Request, cache_batchable
+from chatapp.serving.batching import Batcher, Request, cache_batchable
+from chatapp.serving.prefill import Prefill
 from chatapp.serving.cache import ServingCache, plan as plan_cached
 from chatapp.serving.loading import load_model
 from chatapp.serving.messages import (image_detail_kwargs, normalize_messages, oldest_turn_length,
