@@ -297,3 +297,24 @@ def test_prompts_waiting_together_are_prefilled_in_one_pass_and_each_gets_its_re
         assert cached_reply.text == engine.generate(follow_up, params).text
     finally:
         engine.cache = cache
+
+
+def test_prompts_prefilled_together_answer_from_each_ones_adapter_version(tmp_path):
+    # one joint prefill pass with rows of the base and of two adapter versions (peft's per-row adapter_names)
+    engine = Engine.load("demo")
+    v1, _ = random_lora_folders(engine.model, tmp_path / "v1", scale=0.3)
+    v2, _ = random_lora_folders(engine.model, tmp_path / "v2", scale=0.6)
+    engine.use_adapter("v1", v1)
+    engine.use_adapter("v2", v2)
+    engine.use_adapter(None)
+    greedy = validate_generation(temperature=0, max_new_tokens=16)
+    versions = ["v2", None, "v1", "v2"]
+    jobs = [(conversation(600 + i), greedy, {"adapter": version}) for i, version in enumerate(versions)]
+    engine.batcher.prefill_rows = 4
+    together = prefilled_together(engine, jobs)
+    assert engine.batcher.largest_prefill == 4
+    engine.cache = None
+    expected = [alone(engine, *job[:2], **job[2]) for job in jobs]
+    assert len({alone(engine, jobs[0][0], greedy, adapter=v).text for v in (None, "v1", "v2")}) == 3
+    assert [r.meta.adapter for r in together] == versions
+    assert [r.text for r in together] == [r.text for r in expected]
