@@ -30,10 +30,14 @@ def alone(engine, messages, params, **kwargs):
         engine.batching = True
 
 
-def concurrently(engine, jobs):
-    """Start every job (messages, params, kwargs) at once in its own thread; their replies in order."""
+def concurrently(engine, jobs, queued_together: bool = False):
+    """Start every job (messages, params, kwargs) at once in its own thread; their replies in order.
+    `queued_together`: the generation thread is kept busy until every request waits in the batcher,
+    so that it takes them all at once (a joint prefill where `prefill_rows` allows)."""
     replies, errors = {}, []
-    start = threading.Barrier(len(jobs))
+    start, gate = threading.Barrier(len(jobs)), threading.Event()
+    if queued_together:
+        engine.generation_thread.submit(gate.wait)
 
     def worker(index, messages, params, kwargs):
         try:
@@ -45,6 +49,11 @@ def concurrently(engine, jobs):
     threads = [threading.Thread(target=worker, args=(i, *job)) for i, job in enumerate(jobs)]
     for thread in threads:
         thread.start()
+    if queued_together:
+        deadline = time.monotonic() + 30
+        while engine.batcher.waiting < len(jobs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
     for thread in threads:
         thread.join()
     assert not errors
@@ -242,41 +251,17 @@ def test_which_generation_configs_are_batched():
     assert not settings_batchable(GenerationConfig(no_repeat_ngram_size=3))
 
 
-def prefilled_together(engine, jobs):
-    """Every job's request waits while the generation thread is busy, so the batcher takes them at once."""
-    gate, replies, errors = threading.Event(), {}, []
-    engine.generation_thread.submit(gate.wait)
-
-    def worker(index, messages, params, kwargs):
-        try:
-            replies[index] = engine.generate(messages, params, **kwargs)
-        except Exception as error:  # reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=worker, args=(i, *job)) for i, job in enumerate(jobs)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 30
-    while engine.batcher.waiting < len(jobs) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    gate.set()
-    for thread in threads:
-        thread.join()
-    assert not errors
-    return [replies[i] for i in range(len(jobs))]
-
-
 def test_prompts_waiting_together_are_prefilled_in_one_pass_and_each_gets_its_reply_alone(engine):
-    # new pictures (no cached features), questions of different lengths (left padding), one text-only
-    # prompt (a cached template prefix: prefilled on its own) and a fifth beyond the four taken at once
+    # new pictures (no cached features), questions of different lengths (left padding), and one
+    # text-only prompt (other kinds of inputs: prefilled on its own)
     jobs = [(conversation(seed, with_image=seed != 503), validate_generation(temperature=0, max_new_tokens=12 + seed % 5),
              {}) for seed in range(500, 505)]
-    engine.batcher.prefill_rows, engine.batcher.largest_prefill = 4, 0
+    engine.batcher.prefill_rows, engine.batcher.largest_prefill = 8, 0
     try:
-        together = prefilled_together(engine, jobs)
+        together = concurrently(engine, jobs, queued_together=True)
     finally:
         engine.batcher.prefill_rows = 1
-    assert engine.batcher.largest_prefill == 3
+    assert engine.batcher.largest_prefill == 4
     cache, engine.cache = engine.cache, None  # the plain path: every prompt computed on its own
     try:
         expected = [alone(engine, *job[:2], **job[2]) for job in jobs]
@@ -311,10 +296,33 @@ def test_prompts_prefilled_together_answer_from_each_ones_adapter_version(tmp_pa
     versions = ["v2", None, "v1", "v2"]
     jobs = [(conversation(600 + i), greedy, {"adapter": version}) for i, version in enumerate(versions)]
     engine.batcher.prefill_rows = 4
-    together = prefilled_together(engine, jobs)
+    together = concurrently(engine, jobs, queued_together=True)
     assert engine.batcher.largest_prefill == 4
     engine.cache = None
     expected = [alone(engine, *job[:2], **job[2]) for job in jobs]
     assert len({alone(engine, jobs[0][0], greedy, adapter=v).text for v in (None, "v1", "v2")}) == 3
     assert [r.meta.adapter for r in together] == versions
     assert [r.text for r in together] == [r.text for r in expected]
+
+
+def test_prefill_groups_keep_prompts_with_a_cached_prefix_alone_and_to_the_row_and_token_limits():
+    import torch
+    from transformers import DynamicCache
+
+    from chatapp.serving.prefill import Prefill, prefill_groups
+
+    def prompt(tokens, image=True, cached=False):
+        past = DynamicCache()
+        if cached:
+            past.update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), 0)
+        inputs = {"pixel_values": torch.zeros(1, 1, 3, 4, 4)} if image else {}
+        return Prefill(torch.zeros(1, tokens, dtype=torch.long), past, inputs, 8)
+
+    ready = [("a", prompt(30)), ("b", prompt(30)), ("text", prompt(10, image=False)), ("cached", prompt(30, cached=True)),
+             ("c", prompt(30)), ("d", prompt(30)), ("e", prompt(50))]
+    names = lambda groups: [[name for name, _ in group] for group in groups]  # noqa: E731
+    # a, b and c fill a pass's 3 rows; the text-only prompt and the one with a cached prefix go alone
+    assert names(prefill_groups(ready, rows=3, tokens=100)) == [["a", "b", "c"], ["text"], ["cached"], ["d", "e"]]
+    # at most 70 prompt tokens a pass
+    assert names(prefill_groups(ready, rows=3, tokens=70)) == [["a", "b"], ["text"], ["cached"], ["c", "d"], ["e"]]
+    assert names(prefill_groups(ready, rows=1, tokens=100)) == [[name] for name, _ in ready]

@@ -134,7 +134,7 @@ def test_prompts_prefilled_together_with_different_frame_counts_each_get_their_r
     # is padded with all-zero frames beside a 17-frame one (high): the model drops them, and each reply
     # is the one its prompt gets alone (the encoder in float32 here: the comparison is of arithmetic,
     # and a random model's near-even logits would turn bfloat16 rounding into other tokens)
-    from test_batching import prefilled_together
+    from test_batching import concurrently
 
     engine = Engine.load(str(smolvlm_path), vision_dtype="float32")
     engine.batcher.prefill_rows = 3
@@ -145,7 +145,7 @@ def test_prompts_prefilled_together_with_different_frame_counts_each_get_their_r
                                                    {"type": "text", "text": "Describe the image." + " Briefly." * (seed - 40)}]}],
                      validate_generation(temperature=0, max_new_tokens=4, image_detail=detail),
                      {"generate_overrides": {"min_new_tokens": 4}}))
-    together = prefilled_together(engine, jobs)
+    together = concurrently(engine, jobs, queued_together=True)
     assert engine.batcher.largest_prefill == 3
     engine.cache, engine.batching = None, False
     expected = [engine.generate(*job[:2], **job[2]) for job in jobs]

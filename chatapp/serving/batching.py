@@ -251,7 +251,7 @@ class Batcher:
         for index, (request, prefill) in enumerate(group):
             try:
                 row = Row(request, prefill, self._eos_ids, logits.device)
-                ended += self._first_token(row, logits[index:index + 1], row_cache(model, past, index, lengths))
+                ended += self._first_token(row, logits[index:index + 1], row_cache(model, past, index, lengths[index]))
             except BaseException as error:  # this row's own failure: only it ends
                 request.error = error
                 ended.append(request)
@@ -353,15 +353,8 @@ class Batcher:
         self._rows = [self._rows[i] for i in keep]
 
     def _row_cache(self, row: Row):
-        """A new DynamicCache holding `row`'s positions only (copies: the batch's tensors are not kept alive)."""
-        from transformers import DynamicCache
-
-        index = self._rows.index(row)
-        cache = DynamicCache(config=self._model().config)
-        for layer, source in zip(cache.layers, self._cache.layers):
-            layer.update(source.keys[index:index + 1, :, -row.cached:, :],  # torch.cat: a copy
-                         source.values[index:index + 1, :, -row.cached:, :])
-        return cache
+        """A new DynamicCache holding `row`'s positions only."""
+        return row_cache(self._model(), self._cache, self._rows.index(row), row.cached)
 
     @staticmethod
     def _signal_end(request: Request) -> None:

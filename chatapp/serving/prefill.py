@@ -93,13 +93,12 @@ def joint_inputs(group: list, pad_id: int):
     return ids, mask, positions, inputs, lengths
 
 
-def row_cache(model, joint, index: int, lengths: list[int]):
-    """Row `index` of a joint pass's cache without its padding, as a new one-row DynamicCache (copies)."""
+def row_cache(model, cache, index: int, length: int):
+    """Row `index` of a left-padded batch `cache`, its last `length` positions only (no padding), as a
+    new one-row DynamicCache (copies: the batch's tensors are not kept alive)."""
     from transformers import DynamicCache
 
-    width, length = max(lengths), lengths[index]
-    cache = DynamicCache(config=model.config)
-    for layer, source in zip(cache.layers, joint.layers):
-        layer.update(source.keys[index:index + 1, :, width - length:, :],
-                     source.values[index:index + 1, :, width - length:, :])
-    return cache
+    row = DynamicCache(config=model.config)
+    for layer, source in zip(row.layers, cache.layers):
+        layer.update(source.keys[index:index + 1, :, -length:, :], source.values[index:index + 1, :, -length:, :])
+    return row
