@@ -240,6 +240,36 @@ def test_completion_logps_in_batches_match_one_at_a_time_with_full_logits(demo_e
     assert sum(sizes) == 5 and max(sizes) <= max(1, modelops.BATCH_TOKENS // 1500)
 
 
+@pytest.mark.slow
+def test_prompt_token_counts_from_the_full_texts_match_the_prompts_processed_alone(tmp_path):
+    """The scorer preprocesses images once (the prompt's length comes from the full text's): on the
+    SmolVLM-sized processor, at both details, with one and two images, it counts what processing the
+    prompt alone counts."""
+    import random
+
+    import torch
+    from transformers import AutoProcessor
+
+    from chatapp.demo import shapes
+    from chatapp.demo.smolvlm_sized import build_smolvlm_sized_random
+    from chatapp.learning import modelops
+    from chatapp.serving.messages import image_detail_kwargs
+
+    processor = AutoProcessor.from_pretrained(str(build_smolvlm_sized_random(tmp_path / "smolvlm")))
+    rng = random.Random(5)
+    for detail in ("low", "high"):
+        for count, answer in ((1, "A red circle."), (2, "Two: a green square left of a blue triangle, then nothing.")):
+            prompt = [{"role": "user", "content": [{"type": "image"}] * count + [{"type": "text", "text": "Describe."}]}]
+            images = [shapes.render(shapes.random_scene(rng)) for _ in range(count)]
+            prompt_text = processor.apply_chat_template(prompt, add_generation_prompt=True)
+            full_text = processor.apply_chat_template(prompt + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}])
+            kwargs = image_detail_kwargs(processor, detail)
+            alone = processor(text=[prompt_text], images=[images], return_tensors="pt", **kwargs)["input_ids"].shape[1]
+            full = processor(text=[full_text], images=[images], return_tensors="pt", **kwargs)["input_ids"].shape[1]
+            counted = modelops.prompt_token_counts(processor, [prompt_text], [full_text], torch.tensor([full]))
+            assert int(counted[0]) == alone > 64 * count, (detail, count)
+
+
 def test_anchor_rows_are_the_policys_own_greedy_answers_to_text_only_openers():
     """rs trains the candidate on the served policy's own answers to a few text-only openers beside the kept
     answers (about `anchor_share` of the rows), so that training on image answers leaves text-only ones alone."""

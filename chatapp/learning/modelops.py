@@ -79,6 +79,18 @@ def _answer_message(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
+def prompt_token_counts(processor, prompts: list[str], fulls: list[str], full_lengths: torch.Tensor) -> torch.Tensor:
+    """Tokens of each prompt as the processor expands it, from its full text's (`full_lengths`, images
+    expanded): the answer's tokens are counted on the texts with their image placeholders unexpanded,
+    so the images are preprocessed once (for the full texts), not twice: on a GPU that preprocessing,
+    ~0.45 s a 17-frame image on the host, was most of a scoring pass (docs/learning.md). Exact where
+    the answer's tokens do not depend on how the image placeholders before them expand, which holds
+    for special image tokens (tests/test_trainer.py checks it against the prompt processed alone)."""
+    tokenizer = processor.tokenizer
+    answer = [len(full) - len(prompt) for full, prompt in zip(tokenizer(fulls)["input_ids"], tokenizer(prompts)["input_ids"])]
+    return full_lengths - torch.tensor(answer, dtype=full_lengths.dtype)
+
+
 @torch.inference_mode()
 def completion_logps(model, processor, items: list[dict], batch_size: int = 32,
                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -90,9 +102,8 @@ def completion_logps(model, processor, items: list[dict], batch_size: int = 32,
         prompts = [template(items[i]["prompt"], add_generation_prompt=True) for i in batch]
         fulls = [template(items[i]["prompt"] + [_answer_message(items[i]["completion"])]) for i in batch]
         images = [items[i]["images"] for i in batch]
-        prompt_inputs = _processor_batch(processor, prompts, images, "right")
-        prompt_lengths = prompt_inputs["attention_mask"].sum(dim=1)
         inputs = _processor_batch(processor, fulls, images, "right")
+        prompt_lengths = prompt_token_counts(processor, prompts, fulls, inputs["attention_mask"].sum(dim=1))
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         # logits only from the position before the earliest completion token on: the prompt's
         # (an image is most of it) would be a (batch, ~1,100, vocabulary) tensor for nothing
