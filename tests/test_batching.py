@@ -99,13 +99,19 @@ def test_seeded_sampled_replies_do_not_depend_on_the_rows_beside_them(engine):
     assert twice[0].text == twice[2].text == expected[0]
 
 
-def test_concurrent_users_get_their_own_reply_from_their_own_adapter_version(tmp_path):
+def engine_with_two_versions(tmp_path):
+    """The demo model with adapter versions v1 and v2 loaded (answering differently); the default is the base."""
     engine = Engine.load("demo")
     v1, _ = random_lora_folders(engine.model, tmp_path / "v1", scale=0.3)
     v2, _ = random_lora_folders(engine.model, tmp_path / "v2", scale=0.6)
     engine.use_adapter("v1", v1)
     engine.use_adapter("v2", v2)
-    engine.use_adapter(None)  # the default answers from the base
+    engine.use_adapter(None)
+    return engine
+
+
+def test_concurrent_users_get_their_own_reply_from_their_own_adapter_version(tmp_path):
+    engine = engine_with_two_versions(tmp_path)
     greedy = validate_generation(temperature=0, max_new_tokens=24)
     versions = [None, "v1", "v2", "v1", "v2", None]
     jobs = [(conversation(20 + i), greedy, {"adapter": version, "generate_overrides": {"min_new_tokens": 24}})
@@ -286,12 +292,7 @@ def test_prompts_waiting_together_are_prefilled_in_one_pass_and_each_gets_its_re
 
 def test_prompts_prefilled_together_answer_from_each_ones_adapter_version(tmp_path):
     # one joint prefill pass with rows of the base and of two adapter versions (peft's per-row adapter_names)
-    engine = Engine.load("demo")
-    v1, _ = random_lora_folders(engine.model, tmp_path / "v1", scale=0.3)
-    v2, _ = random_lora_folders(engine.model, tmp_path / "v2", scale=0.6)
-    engine.use_adapter("v1", v1)
-    engine.use_adapter("v2", v2)
-    engine.use_adapter(None)
+    engine = engine_with_two_versions(tmp_path)
     greedy = validate_generation(temperature=0, max_new_tokens=16)
     versions = ["v2", None, "v1", "v2"]
     jobs = [(conversation(600 + i), greedy, {"adapter": version}) for i, version in enumerate(versions)]

@@ -193,7 +193,7 @@ class Batcher:
                         continue
                     try:
                         with adapters(model, [request.version]):
-                            ready.append((request, request.prepare(together) if together else request.prepare()))
+                            ready.append((request, request.prepare(together)))
                     except BaseException as error:  # this request's own failure (its prompt): only it ends
                         request.error = error
                         ended.append(request)
@@ -203,7 +203,7 @@ class Batcher:
                         try:
                             joint = self._joint_pass(model, group)
                         except Exception:  # the joint pass failed (memory, say): each prompt on its own
-                            joint = None
+                            pass
                     if joint is not None:
                         ended += self._rows_from_joint(model, group, *joint)
                         continue

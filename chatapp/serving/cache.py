@@ -118,6 +118,10 @@ class ServingCache:
 
     # ------------------------------------------------------------ images
 
+    def holds_image(self, version, digest: str) -> bool:
+        """Whether this image's features are stored (without making them recent)."""
+        return ("image", version, digest) in self._entries
+
     def image_features(self, version, digest: str, compute):
         key = ("image", version, digest)
         features = self._get(key)
@@ -247,7 +251,7 @@ def plan(owner: ServingCache, model, processor, inputs, images: list, version, *
     spans = [(start, runs[-1][1]) for start, runs in layout]
     entry, length = owner.longest_prefix(version, ids, digests, spans)
     if not encode_images and layout and length <= spans[0][0] \
-            and not any(("image", version, digest) in owner._entries for digest in digests):
+            and not any(owner.holds_image(version, digest) for digest in digests):
         owner.stats["prefix_misses"] += 1
         kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
                   "past_key_values": past, "pixel_values": inputs["pixel_values"]}

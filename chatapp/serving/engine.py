@@ -102,9 +102,8 @@ class Engine:
         self.batcher = Batcher(lambda: self.model, self._lock, self.generation_thread,
                                list(generation_eos) if isinstance(generation_eos, list)
                                else [generation_eos] if generation_eos is not None else [],
-                               pad_id=self._pad_id)
-        if model.device.type != "cpu":
-            self.batcher.prefill_rows = config.PREFILL_TOGETHER_ROWS
+                               pad_id=self._pad_id,
+                               prefill_rows=config.PREFILL_TOGETHER_ROWS if model.device.type != "cpu" else 1)
         self.batching = config.BATCHING  # False: one reply at a time, through generate()
         self._cache_batchable = cache_batchable(model)
 
@@ -339,8 +338,9 @@ class Engine:
         seed = params.seed if params.seed is not None else secrets.randbelow(config.SEED_MAX)
         prepared: dict = {}
 
-        def prepare(together: bool = False) -> Prefill:  # on the generation thread, under the model lock and
-            from transformers import DynamicCache                # this reply's adapter
+        def prepare(together: bool = False) -> Prefill:
+            # on the generation thread, under the model lock and this reply's adapter
+            from transformers import DynamicCache
 
             inputs, max_new_tokens = self._model_inputs(messages, params, system_prompt, prepared)
             cached = self._plan(inputs, version, params, encode_images=not together)
